@@ -1,0 +1,17 @@
+"""cvtlab: Convolutional vision Transformers (CvT) — models, layer tables, data and training."""
+
+from .errors import CvtLabError
+from .models import CvT, CvTConfig, create_model, from_pretrained, list_models
+from .models.pretrained import save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CvT",
+    "CvTConfig",
+    "CvtLabError",
+    "create_model",
+    "from_pretrained",
+    "list_models",
+    "save_weights",
+]

@@ -1,0 +1,157 @@
+"""Building blocks of a CvT: convolutional token embedding, attention with convolutional
+projection, MLP and the pre-norm block.
+
+Module and parameter names follow the official microsoft/CvT state dict, so official
+checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that the official CvT weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACT_LAYERS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
+def act_layer_from_name(name: str) -> type[nn.Module]:
+    try:
+        return ACT_LAYERS[name]
+    except KeyError:
+        from ..errors import CvtLabError
+
+        raise CvtLabError(f"unknown act_layer {name!r}; choose one of {sorted(ACT_LAYERS)}") from None
+
+
+class ConvEmbed(nn.Module):
+    """Strided convolution → LayerNorm over channels: an image or token map to a smaller,
+    wider token map. Returns tokens (B, H*W, C) and the new map size."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int, padding: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=stride, padding=padding)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)
+        h, w = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+
+
+class ConvProjection(nn.Sequential):
+    """Depthwise conv (no bias) → BatchNorm on a token map; the official 'dw_bn' projection."""
+
+    def __init__(self, dim: int, kernel_size: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim, bias=False
+        )
+        self.bn = nn.BatchNorm2d(dim)
+
+
+class ConvAttention(nn.Module):
+    """Multi-head self-attention whose queries, keys and values first pass a depthwise conv
+    projection; keys and values with stride ``stride_kv`` (fewer tokens, cheaper attention).
+
+    A class token, when present, skips the conv projection and is prepended again before the
+    linear projections. The scale is ``dim ** -0.5`` with the full width, as in the official
+    code; pretrained weights depend on it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        kernel_size: int = 3,
+        stride_q: int = 1,
+        stride_kv: int = 2,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        with_cls_token: bool = False,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            from ..errors import CvtLabError
+
+            raise CvtLabError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.scale = dim**-0.5
+        self.with_cls_token = with_cls_token
+        self.attn_drop = attn_drop
+        self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q)
+        self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv)
+        self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if self.with_cls_token:
+            cls_token, x = x[:, :1], x[:, 1:]
+        grid = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        q, k, v = (
+            proj(grid).flatten(2).transpose(1, 2)
+            for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
+        )
+        if self.with_cls_token:
+            q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
+        q, k, v = (
+            rearrange(lin(t), "b n (h d) -> b h n d", h=self.num_heads)
+            for lin, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
+        )
+        drop = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act_layer: type[nn.Module], drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)), each branch
+    dropped per sample with probability ``drop_path`` while training."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        act_layer: type[nn.Module] = QuickGELU,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        **attn_kwargs,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = ConvAttention(dim, num_heads, proj_drop=drop, **attn_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -1,0 +1,268 @@
+"""Loading weights: official microsoft/CvT ``.pth`` files, Hugging Face ``CvtForImageClassification``
+folders (or ``hf:`` hub ids), and cvtlab's own ``.safetensors`` and Lightning checkpoints.
+
+Every file is read with ``weights_only=True`` or as safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CvtLabError
+from .convert import config_from_hf, hf_to_cvtlab, is_hf_state_dict
+from .cvt import CvTConfig
+from .registry import MODEL_CONFIGS, build_model, get_config
+from .seed import SeedConfig
+
+_META_MODEL = "cvtlab_model"
+_META_CONFIG = "cvtlab_config"
+_META_CLASSES = "cvtlab_class_names"
+
+
+class Checkpoint:
+    """A state dict in cvtlab's names plus what the file says about its architecture."""
+
+    def __init__(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        source: str,
+        model_name: str | None = None,
+        config: CvTConfig | SeedConfig | None = None,
+        class_names: list[str] | None = None,
+    ):
+        self.state_dict = state_dict
+        self.source = source
+        self.model_name = model_name
+        self.config = config
+        self.class_names = class_names
+
+
+def _config_from_meta(name: str | None, data: dict | None) -> CvTConfig | SeedConfig | None:
+    if data is None:
+        return None
+    if name in MODEL_CONFIGS and isinstance(MODEL_CONFIGS[name], SeedConfig) or "embed_dim" in data:
+        return SeedConfig(**data)
+    return CvTConfig.from_dict(data)
+
+
+def load_state_dict_file(path: str | Path) -> Checkpoint:
+    """Read one weights file (``.safetensors``, ``.pth``/``.pt``/``.bin``, Lightning ``.ckpt``)."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise CvtLabError(f"{source}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CvtLabError(f"{source}: the file is empty")
+    if path.suffix == ".safetensors":
+        try:
+            state_dict = load_file(path)
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CvtLabError(f"{source}: not a readable safetensors file ({e})") from None
+        name = meta.get(_META_MODEL)
+        config = _config_from_meta(name, json.loads(meta[_META_CONFIG])) if _META_CONFIG in meta else None
+        classes = json.loads(meta[_META_CLASSES]) if _META_CLASSES in meta else None
+        return _normalise(Checkpoint(state_dict, source, name, config, classes))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CvtLabError(f"{source}: not a readable PyTorch checkpoint ({first})") from None
+    if not isinstance(obj, dict):
+        raise CvtLabError(f"{source}: expected a state dict, found {type(obj).__name__}")
+    name = config = classes = None
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        hparams = obj.get("hyper_parameters") or {}
+        name = hparams.get("model")
+        config = _config_from_meta(name, hparams.get("model_config"))
+        classes = hparams.get("class_names")
+        state_dict = obj["state_dict"]
+        # A Lightning checkpoint of cvtlab's module holds the network under "model.".
+        if any(k.startswith("model.") for k in state_dict):
+            state_dict = {k[6:]: v for k, v in state_dict.items() if k.startswith("model.")}
+    elif "model" in obj and isinstance(obj["model"], dict):
+        state_dict = obj["model"]
+    else:
+        state_dict = obj
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CvtLabError(f"{source}: the checkpoint holds values that are not tensors")
+    return _normalise(Checkpoint(dict(state_dict), source, name, config, classes))
+
+
+def _normalise(ckpt: Checkpoint) -> Checkpoint:
+    sd = ckpt.state_dict
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[7:]: v for k, v in sd.items()}
+    if is_hf_state_dict(sd):
+        sd = hf_to_cvtlab(sd)
+    ckpt.state_dict = sd
+    return ckpt
+
+
+def _load_hf_folder(folder: Path) -> Checkpoint:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CvtLabError(f"{folder}: a checkpoint folder needs a config.json (Hugging Face layout)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CvtLabError(f"{config_file}: not valid JSON ({e})") from None
+    config, names = config_from_hf(hf, str(config_file))
+    for weights in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / weights).is_file():
+            ckpt = load_state_dict_file(folder / weights)
+            break
+    else:
+        raise CvtLabError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
+    ckpt.config, ckpt.class_names, ckpt.source = config, names, str(folder)
+    return ckpt
+
+
+def _download_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin"])
+    except Exception as e:  # network, auth and missing-repo errors all end the same way
+        raise CvtLabError(
+            f"hf:{repo_id}: could not download from the Hugging Face hub ({type(e).__name__}); "
+            "download the model folder elsewhere and pass its path instead"
+        ) from None
+    return Path(path)
+
+
+def read_checkpoint(source: str | Path) -> Checkpoint:
+    """Read any supported checkpoint source into cvtlab's names."""
+    text = str(source)
+    if text.startswith("hf:"):
+        return _load_hf_folder(_download_hub(text[3:]))
+    path = Path(source)
+    if path.is_dir():
+        return _load_hf_folder(path)
+    return load_state_dict_file(path)
+
+
+def _infer_model_name(ckpt: Checkpoint) -> str:
+    """The first registered model whose every non-head tensor has the checkpoint's shape."""
+    wanted = {k: tuple(v.shape) for k, v in ckpt.state_dict.items() if not k.startswith("head.")}
+    for name, cfg in MODEL_CONFIGS.items():
+        with torch.device("meta"):
+            model = build_model(cfg, name)
+        have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("head.")}
+        if have == wanted:
+            return name
+    raise CvtLabError(
+        f"{ckpt.source}: cannot tell which architecture these weights are for; "
+        f"pass the model name (one of {', '.join(MODEL_CONFIGS)})"
+    )
+
+
+def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Copy ``ckpt`` into ``model``; a different head size is skipped (the model keeps its fresh
+    head), anything else that does not fit is an error naming the keys and shapes."""
+    own = model.state_dict()
+    sd = dict(ckpt.state_dict)
+    head_keys = [k for k in own if k.startswith("head.")]
+    if any(k in sd and sd[k].shape != own[k].shape for k in head_keys):
+        for k in head_keys:
+            sd.pop(k, None)
+    for key, value in sd.items():
+        if key in own and value.shape != own[key].shape:
+            raise CvtLabError(
+                f"{ckpt.source}: {key} has shape {tuple(value.shape)} in the checkpoint "
+                f"but {tuple(own[key].shape)} in the model"
+            )
+    missing = sorted(set(own) - set(sd) - set(head_keys))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unknown keys: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+        raise CvtLabError(f"{ckpt.source}: does not fit this architecture ({'; '.join(parts)})")
+    model.load_state_dict(sd, strict=False)
+    if ckpt.class_names and len(ckpt.class_names) == getattr(model, "num_classes", -1):
+        model.class_names = list(ckpt.class_names)
+
+
+def load_pretrained_into(model: nn.Module, source: str | Path) -> nn.Module:
+    load_weights(model, read_checkpoint(source))
+    return model
+
+
+def from_pretrained(
+    source: str | Path,
+    *,
+    model: str | None = None,
+    num_classes: int | None = None,
+    act_layer: str | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a model from a checkpoint and load its weights.
+
+    ``source`` is an official microsoft/CvT ``.pth`` file, a Hugging Face
+    ``CvtForImageClassification`` folder (``config.json`` + weights) or ``hf:<repo id>``, or a
+    cvtlab ``.safetensors``/``.ckpt`` file. The architecture comes from the file where it says
+    so (Hugging Face config, cvtlab metadata); otherwise from ``model`` or, failing that, from
+    the registered config whose shapes match. ``num_classes`` different from the checkpoint's
+    gives a fresh head. ``act_layer`` defaults to what the weights were trained with: QuickGELU
+    for official CvT weights in any format, the stored choice for cvtlab's own.
+    """
+    ckpt = read_checkpoint(source)
+    name = model or ckpt.model_name
+    if model is not None:
+        cfg = get_config(model)
+    elif ckpt.config is not None:
+        cfg = ckpt.config
+    else:
+        name = _infer_model_name(ckpt)
+        cfg = get_config(name)
+    if not model and ckpt.config is None:
+        head = ckpt.state_dict.get("head.weight")
+        if head is not None:
+            overrides.setdefault("num_classes", head.shape[0])
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if act_layer is not None:
+        if not isinstance(cfg, CvTConfig):
+            raise CvtLabError(f"{source}: act_layer applies to CvT models only")
+        overrides["act_layer"] = act_layer
+    values = {**asdict(cfg), **overrides}
+    unknown = sorted(set(overrides) - set(asdict(cfg)))
+    if unknown:
+        raise CvtLabError(f"unknown model options: {', '.join(unknown)}")
+    cfg = type(cfg)(**values)
+    net = build_model(cfg, name or "model")
+    net.model_name = name or "custom"
+    load_weights(net, ckpt)
+    return net
+
+
+def save_weights(model: nn.Module, path: str | Path, class_names: list[str] | None = None) -> Path:
+    """Write ``model``'s weights as ``.safetensors`` with its architecture in the metadata, so
+    :func:`from_pretrained` rebuilds it with no other information."""
+    path = Path(path)
+    meta = {_META_CONFIG: json.dumps(model.cfg.to_dict())}
+    if getattr(model, "model_name", None):
+        meta[_META_MODEL] = model.model_name
+    names = class_names or getattr(model, "class_names", None)
+    if names:
+        meta[_META_CLASSES] = json.dumps(list(names))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=meta)
+    tmp.replace(path)
+    return path
