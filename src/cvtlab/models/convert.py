@@ -15,12 +15,30 @@ from .cvt import CvTConfig
 
 # (Hugging Face fragment, cvtlab fragment), applied in order to the part after the stage/layer.
 _BLOCK_PARTS = [
-    ("attention.attention.convolution_projection_query.convolution_projection.convolution", "attn.conv_proj_q.conv"),
-    ("attention.attention.convolution_projection_key.convolution_projection.convolution", "attn.conv_proj_k.conv"),
-    ("attention.attention.convolution_projection_value.convolution_projection.convolution", "attn.conv_proj_v.conv"),
-    ("attention.attention.convolution_projection_query.convolution_projection.normalization", "attn.conv_proj_q.bn"),
-    ("attention.attention.convolution_projection_key.convolution_projection.normalization", "attn.conv_proj_k.bn"),
-    ("attention.attention.convolution_projection_value.convolution_projection.normalization", "attn.conv_proj_v.bn"),
+    (
+        "attention.attention.convolution_projection_query.convolution_projection.convolution",
+        "attn.conv_proj_q.conv",
+    ),
+    (
+        "attention.attention.convolution_projection_key.convolution_projection.convolution",
+        "attn.conv_proj_k.conv",
+    ),
+    (
+        "attention.attention.convolution_projection_value.convolution_projection.convolution",
+        "attn.conv_proj_v.conv",
+    ),
+    (
+        "attention.attention.convolution_projection_query.convolution_projection.normalization",
+        "attn.conv_proj_q.bn",
+    ),
+    (
+        "attention.attention.convolution_projection_key.convolution_projection.normalization",
+        "attn.conv_proj_k.bn",
+    ),
+    (
+        "attention.attention.convolution_projection_value.convolution_projection.normalization",
+        "attn.conv_proj_v.bn",
+    ),
     ("attention.attention.projection_query", "attn.proj_q"),
     ("attention.attention.projection_key", "attn.proj_k"),
     ("attention.attention.projection_value", "attn.proj_v"),
@@ -62,7 +80,9 @@ def hf_to_cvtlab(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if m := _HF_LAYER.match(key):
             stage, layer, part, leaf = m.groups()
             new = f"stage{stage}.blocks.{layer}.{_swap(part, _BLOCK_PARTS, False, key)}.{leaf}"
-        elif key.endswith("cls_token") and (m := re.match(r"^cvt\.encoder\.stages\.(\d+)\.cls_token$", key)):
+        elif key.endswith("cls_token") and (
+            m := re.match(r"^cvt\.encoder\.stages\.(\d+)\.cls_token$", key)
+        ):
             new = f"stage{m.group(1)}.cls_token"
         elif m := _HF_STAGE.match(key):
             stage, part, leaf = m.groups()
@@ -98,7 +118,9 @@ def config_from_hf(hf: dict, source: str) -> tuple[CvTConfig, list[str] | None]:
     ``config.json``. Features cvtlab does not build are a clear error, not a silent change."""
     n = len(hf.get("depth", []))
     if hf.get("model_type") not in (None, "cvt") or not n:
-        raise CvtLabError(f"{source}: config.json does not describe a CvT (model_type {hf.get('model_type')!r})")
+        raise CvtLabError(
+            f"{source}: config.json does not describe a CvT (model_type {hf.get('model_type')!r})"
+        )
 
     def per_stage(key: str, default):
         value = hf.get(key, [default] * n)
@@ -106,7 +128,9 @@ def config_from_hf(hf: dict, source: str) -> tuple[CvTConfig, list[str] | None]:
 
     methods = set(per_stage("qkv_projection_method", "dw_bn"))
     if methods != {"dw_bn"}:
-        raise CvtLabError(f"{source}: qkv_projection_method {sorted(methods)} is not supported (only dw_bn)")
+        raise CvtLabError(
+            f"{source}: qkv_projection_method {sorted(methods)} is not supported (only dw_bn)"
+        )
     kernel = per_stage("kernel_qkv", 3)
     for key in ("padding_q", "padding_kv"):
         if per_stage(key, 1) != tuple(k // 2 for k in kernel):
@@ -119,7 +143,9 @@ def config_from_hf(hf: dict, source: str) -> tuple[CvTConfig, list[str] | None]:
         raise CvtLabError(f"{source}: qkv_bias must be the same in every stage, got {sorted(bias)}")
     id2label = hf.get("id2label") or {}
     num_classes = hf.get("num_labels") or len(id2label) or 2
-    names = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))] if id2label else None
+    names = (
+        [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))] if id2label else None
+    )
     if names and all(n is None or re.fullmatch(r"LABEL_\d+", str(n)) for n in names):
         names = None
     cfg = CvTConfig(

@@ -91,7 +91,8 @@ class CvTStage(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if with_cls else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         # Stochastic depth grows linearly within the stage, as in the official code.
-        rates = torch.linspace(0, cfg.drop_path_rates[i], depth).tolist() if depth else []
+        top = cfg.drop_path_rates[i]
+        rates = [top * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]
         self.blocks = nn.ModuleList(
             Block(
                 dim,
@@ -164,7 +165,9 @@ class CvT(nn.Module):
         h, w = x.shape[-2:]
         stride = self.cfg.total_stride
         if h % stride or w % stride:
-            raise CvtLabError(f"input size {h}x{w} is not a multiple of the model's total stride {stride}")
+            raise CvtLabError(
+                f"input size {h}x{w} is not a multiple of the model's total stride {stride}"
+            )
         cls_token = None
         for stage in self.stages:
             x, cls_token = stage(x)

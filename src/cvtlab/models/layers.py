@@ -30,7 +30,9 @@ def act_layer_from_name(name: str) -> type[nn.Module]:
     except KeyError:
         from ..errors import CvtLabError
 
-        raise CvtLabError(f"unknown act_layer {name!r}; choose one of {sorted(ACT_LAYERS)}") from None
+        raise CvtLabError(
+            f"unknown act_layer {name!r}; choose one of {sorted(ACT_LAYERS)}"
+        ) from None
 
 
 class ConvEmbed(nn.Module):

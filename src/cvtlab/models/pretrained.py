@@ -71,7 +71,11 @@ def load_state_dict_file(path: str | Path) -> Checkpoint:
         except (SafetensorError, OSError, ValueError) as e:
             raise CvtLabError(f"{source}: not a readable safetensors file ({e})") from None
         name = meta.get(_META_MODEL)
-        config = _config_from_meta(name, json.loads(meta[_META_CONFIG])) if _META_CONFIG in meta else None
+        config = (
+            _config_from_meta(name, json.loads(meta[_META_CONFIG]))
+            if _META_CONFIG in meta
+            else None
+        )
         classes = json.loads(meta[_META_CLASSES]) if _META_CLASSES in meta else None
         return _normalise(Checkpoint(state_dict, source, name, config, classes))
     try:
@@ -113,7 +117,9 @@ def _normalise(ckpt: Checkpoint) -> Checkpoint:
 def _load_hf_folder(folder: Path) -> Checkpoint:
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise CvtLabError(f"{folder}: a checkpoint folder needs a config.json (Hugging Face layout)")
+        raise CvtLabError(
+            f"{folder}: a checkpoint folder needs a config.json (Hugging Face layout)"
+        )
     try:
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
@@ -159,7 +165,9 @@ def _infer_model_name(ckpt: Checkpoint) -> str:
     for name, cfg in MODEL_CONFIGS.items():
         with torch.device("meta"):
             model = build_model(cfg, name)
-        have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("head.")}
+        have = {
+            k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("head.")
+        }
         if have == wanted:
             return name
     raise CvtLabError(
@@ -188,9 +196,13 @@ def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+            parts.append(
+                f"missing keys: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"
+            )
         if unexpected:
-            parts.append(f"unknown keys: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+            parts.append(
+                f"unknown keys: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"
+            )
         raise CvtLabError(f"{ckpt.source}: does not fit this architecture ({'; '.join(parts)})")
     model.load_state_dict(sd, strict=False)
     if ckpt.class_names and len(ckpt.class_names) == getattr(model, "num_classes", -1):

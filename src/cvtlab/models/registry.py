@@ -80,7 +80,9 @@ def get_config(name: str, **overrides: Any) -> CvTConfig | SeedConfig:
     known = {f.name for f in fields(base)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise CvtLabError(f"model {name} has no option {', '.join(unknown)} (options: {', '.join(sorted(known))})")
+        raise CvtLabError(
+            f"model {name} has no option {', '.join(unknown)} (options: {', '.join(sorted(known))})"
+        )
     values.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     return type(base)(**values)
 

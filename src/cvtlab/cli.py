@@ -1,0 +1,104 @@
+"""The ``cvtlab`` command: one entry point for models, layer tables, data, training,
+evaluation, prediction and export.
+
+User mistakes (a bad name, file, flag or value) end with one line on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import CvtLabError
+
+Command = Callable[[argparse.Namespace], int | None]
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    import torch
+
+    from .models.registry import DESCRIPTIONS, MODEL_CONFIGS, create_model
+    from .summary import summarize
+
+    rows = []
+    for name, cfg in MODEL_CONFIGS.items():
+        with torch.device("meta"):
+            model = create_model(name)
+        s = summarize(model)
+        rows.append(
+            {
+                "name": name,
+                "params_m": round(s["total_params"] / 1e6, 2),
+                "gmacs": round(s["total_macs"] / 1e9, 3),
+                "img_size": cfg.img_size,
+                "num_classes": cfg.num_classes,
+                "description": DESCRIPTIONS.get(name, ""),
+            }
+        )
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'model':<10} {'params':>8} {'GMACs':>8} {'size':>5} {'classes':>7}  description")
+    for r in rows:
+        print(
+            f"{r['name']:<10} {r['params_m']:>7.2f}M {r['gmacs']:>8.3f} {r['img_size']:>5} "
+            f"{r['num_classes']:>7}  {r['description']}"
+        )
+
+
+def _cmd_summary(args: argparse.Namespace) -> None:
+    import torch
+
+    from .models.registry import create_model
+    from .summary import format_summary, summarize
+
+    with torch.device("meta"):
+        model = create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
+    print(format_summary(summarize(model, args.img_size), args.format))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvtlab", description="Convolutional vision Transformers: models, data, training."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("models", help="list the registered models with parameters and GMACs")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
+    p.add_argument("model")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+    p.set_defaults(func=_cmd_summary)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules add their sub-commands here, so this file stays the one place the CLI is built.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except CvtLabError as e:
+        print(f"cvtlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cvtlab: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

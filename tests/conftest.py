@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ZIP = REPO.parent / "shared" / "data" / "tiny-imagenet-200.zip"
+
+# Tests run on two cores; more threads only add contention with the pytest process itself.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_zip() -> Path:
+    if not TINY_ZIP.is_file():
+        pytest.skip(f"real Tiny ImageNet zip not found at {TINY_ZIP}")
+    return TINY_ZIP
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=None):
+    """Run the installed ``cvtlab`` entry point in a fresh process."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "cvtlab.cli", *args]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd
+    )

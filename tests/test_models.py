@@ -1,0 +1,109 @@
+import pytest
+import timm
+import torch
+
+import cvtlab
+from cvtlab import CvtLabError
+from cvtlab.models.layers import QuickGELU
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, paper", [("cvt_13", 19.98e6), ("cvt_21", 31.54e6), ("cvt_w24", 276.7e6)]
+)
+def test_parameter_counts_match_the_paper(name, paper):
+    with torch.device("meta"):
+        model = cvtlab.create_model(name, num_classes=1000)
+    assert abs(n_params(model) - paper) / paper < 0.005
+
+
+@pytest.mark.parametrize("size", [64, 96, 224, 384])
+def test_any_size_the_strides_divide_works(size):
+    model = cvtlab.create_model("cvt_13", num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name", cvtlab.list_models())
+def test_every_model_runs_at_its_default_size_with_batch_one_and_two(name):
+    if name == "cvt_w24":
+        pytest.skip("277M parameters at 384 px: covered by the meta-device tests")
+    model = cvtlab.create_model(name).eval()
+    size = model.img_size
+    with torch.no_grad():
+        out1 = model(torch.randn(1, 3, size, size))
+        x = torch.randn(2, 3, size, size)
+        out2 = model(x)
+        # Batch 1 gives the same logits as the same image inside a batch (eval mode).
+        torch.testing.assert_close(model(x[:1]), out2[:1], atol=1e-5, rtol=1e-4)
+    assert out1.shape == (1, model.num_classes) and out2.shape == (2, model.num_classes)
+
+
+def test_size_the_strides_do_not_divide_names_size_and_stride():
+    with pytest.raises(CvtLabError, match=r"100.*16"):
+        cvtlab.create_model("cvt_13", img_size=100)
+    model = cvtlab.create_model("cvt_13_64")
+    with pytest.raises(CvtLabError, match=r"60x60.*8"):
+        model(torch.randn(1, 3, 60, 60))
+
+
+def test_unknown_model_lists_close_names():
+    with pytest.raises(CvtLabError, match="did you mean cvt_13"):
+        cvtlab.create_model("cvt13")
+
+
+def test_unknown_override_is_an_error():
+    with pytest.raises(CvtLabError, match="no option"):
+        cvtlab.create_model("cvt_13", depth_multiplier=2)
+
+
+def test_timm_registry_knows_every_model():
+    model = timm.create_model("cvt_13", num_classes=200)
+    assert model.head.out_features == 200
+    assert set(cvtlab.list_models()) <= set(timm.list_models("cvt_*"))
+
+
+def test_act_layer_choice_and_default():
+    assert isinstance(cvtlab.create_model("cvt_xs_64").stage0.blocks[0].mlp.act, QuickGELU)
+    gelu = cvtlab.create_model("cvt_xs_64", act_layer="gelu")
+    assert isinstance(gelu.stage0.blocks[0].mlp.act, torch.nn.GELU)
+    with pytest.raises(CvtLabError, match="act_layer"):
+        cvtlab.create_model("cvt_xs_64", act_layer="relu6")
+
+
+def test_stochastic_depth_ramps_linearly_within_the_last_stage():
+    model = cvtlab.create_model("cvt_13", drop_path_rate=0.2)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.stage2.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    assert rates == sorted(rates) and len(set(rates)) == len(rates)
+    assert all(not hasattr(b.drop_path, "drop_prob") for b in model.stage1.blocks)
+
+
+def test_class_token_only_in_last_stage_and_excluded_from_weight_decay():
+    model = cvtlab.create_model("cvt_13")
+    assert model.stage0.cls_token is None and model.stage1.cls_token is None
+    assert model.stage2.cls_token.shape == (1, 1, 384)
+    assert model.no_weight_decay() == {"stage2.cls_token"}
+
+
+def test_official_state_dict_names():
+    keys = cvtlab.create_model("cvt_13").state_dict().keys()
+    for key in [
+        "stage0.patch_embed.proj.weight",
+        "stage2.blocks.3.attn.conv_proj_k.conv.weight",
+        "stage2.blocks.3.attn.conv_proj_k.bn.running_var",
+        "stage2.blocks.3.attn.proj_q.weight",
+        "stage1.blocks.1.mlp.fc1.weight",
+        "stage2.cls_token",
+        "norm.weight",
+        "head.weight",
+    ]:
+        assert key in keys
+
+
+def test_attention_uses_full_width_scale():
+    attn = cvtlab.create_model("cvt_13").stage1.blocks[0].attn
+    assert attn.scale == pytest.approx(192**-0.5)

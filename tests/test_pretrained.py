@@ -1,0 +1,204 @@
+"""Pretrained-weight loading, checked against Hugging Face's CvtForImageClassification."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from transformers import CvtConfig as HFConfig
+from transformers import CvtForImageClassification
+
+import cvtlab
+from cvtlab import CvtLabError
+from cvtlab.models.convert import cvtlab_to_hf, hf_to_cvtlab
+
+HF_CONFIGS = {
+    "cvt-13": {},
+    "cvt-21": {"depth": [1, 4, 16]},
+    # Odd widths, heads, kernels, ratios and a non-default stem; the hf port needs depth[i] > i.
+    "odd": {
+        "embed_dim": [24, 48, 72],
+        "num_heads": [2, 3, 4],
+        "depth": [1, 2, 3],
+        "patch_sizes": [5, 3, 3],
+        "patch_padding": [2, 1, 1],
+        "mlp_ratio": [2.0, 3.0, 4.0],
+        "num_labels": 7,
+    },
+}
+
+
+def random_hf_model(**kwargs):
+    torch.manual_seed(0)
+    model = CvtForImageClassification(HFConfig(**kwargs)).eval()
+    # Non-trivial BatchNorm statistics, so a wrong BN mapping cannot hide.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return model
+
+
+@pytest.fixture(scope="module", params=list(HF_CONFIGS))
+def hf_pair(request, tmp_path_factory):
+    hf = random_hf_model(**HF_CONFIGS[request.param])
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+@pytest.mark.parametrize("size", [224, 64])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_logits_match_hugging_face(hf_pair, size, batch):
+    hf, folder = hf_pair
+    ours = cvtlab.from_pretrained(folder, act_layer="gelu").eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
+    with torch.no_grad():
+        diff = (hf(x).logits - ours(x)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_hf_folder_defaults_to_quick_gelu_of_the_official_weights(hf_pair):
+    _, folder = hf_pair
+    model = cvtlab.from_pretrained(folder)
+    assert type(model.stage0.blocks[0].mlp.act).__name__ == "QuickGELU"
+
+
+def test_state_dict_round_trips_through_hugging_face_names():
+    ours = cvtlab.create_model("cvt_13", num_classes=5, act_layer="gelu").eval()
+    for m in ours.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+    sd = ours.state_dict()
+    hf_sd = cvtlab_to_hf(sd)
+    assert "cvt.encoder.stages.2.layers.3.attention.attention.projection_query.weight" in hf_sd
+    back = hf_to_cvtlab(hf_sd)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    hf = CvtForImageClassification(HFConfig(num_labels=5)).eval()
+    hf.load_state_dict(hf_sd)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
+
+
+def official_checkpoint(tmp_path, name="cvt_13", num_classes=1000):
+    torch.manual_seed(1)
+    model = cvtlab.create_model(name, num_classes=num_classes).eval()
+    path = tmp_path / "CvT-13-224x224-IN-1k.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_official_pth_with_model_name_and_inferred(tmp_path):
+    ref, path = official_checkpoint(tmp_path)
+    x = torch.randn(1, 3, 224, 224)
+    named = cvtlab.create_model("cvt_13", pretrained=str(path)).eval()
+    inferred = cvtlab.from_pretrained(path).eval()
+    assert inferred.model_name == "cvt_13"
+    with torch.no_grad():
+        want = ref(x)
+        assert torch.equal(named(x), want) and torch.equal(inferred(x), want)
+
+
+def test_other_num_classes_replaces_only_the_head(tmp_path):
+    ref, path = official_checkpoint(tmp_path)
+    model = cvtlab.from_pretrained(path, num_classes=200)
+    assert model.head.out_features == 200
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert all(torch.equal(sd[k], ref_sd[k]) for k in sd if not k.startswith("head."))
+    # Official ImageNet weights also load into the 64-px variant (same shapes, other stem stride).
+    small = cvtlab.create_model("cvt_13_64", pretrained=str(path))
+    assert torch.equal(small.stage0.patch_embed.proj.weight, ref.stage0.patch_embed.proj.weight)
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
+    _, path = official_checkpoint(tmp_path)
+    with pytest.raises(CvtLabError, match=r"stage1\..*\(192.*\(128"):
+        cvtlab.create_model("cvt_xs_64", pretrained=str(path))
+
+
+def test_missing_and_unknown_keys_are_listed(tmp_path):
+    ref, _ = official_checkpoint(tmp_path)
+    sd = ref.state_dict()
+    sd.pop("norm.weight")
+    sd["stage9.extra"] = torch.zeros(1)
+    path = tmp_path / "edited.pth"
+    torch.save(sd, path)
+    with pytest.raises(
+        CvtLabError, match=r"missing keys: norm\.weight.*unknown keys: stage9\.extra"
+    ):
+        cvtlab.create_model("cvt_13", pretrained=str(path))
+
+
+def test_broken_foreign_and_pickled_files_are_clear_errors(tmp_path):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CvtLabError, match="broken.pth: not a readable PyTorch checkpoint"):
+        cvtlab.from_pretrained(broken)
+    # An arbitrary pickled object is refused, never executed (weights_only=True).
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps(ValueError("boom")))
+    with pytest.raises(CvtLabError, match="evil.pth"):
+        cvtlab.from_pretrained(evil)
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, foreign)
+    with pytest.raises(CvtLabError, match="cannot tell which architecture"):
+        cvtlab.from_pretrained(foreign)
+    with pytest.raises(CvtLabError, match="no such checkpoint file"):
+        cvtlab.from_pretrained(tmp_path / "absent.pth")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CvtLabError, match="config.json"):
+        cvtlab.from_pretrained(tmp_path / "folder")
+
+
+def test_hf_config_that_is_not_cvt(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(CvtLabError, match="does not describe a CvT"):
+        cvtlab.from_pretrained(tmp_path)
+
+
+def test_safetensors_round_trip_keeps_architecture_and_class_names(tmp_path):
+    model = cvtlab.create_model(
+        "cvt_xs_64", num_classes=3, act_layer="gelu", drop_path_rate=0.0
+    ).eval()
+    path = cvtlab.save_weights(model, tmp_path / "w.safetensors", class_names=["a", "b", "c"])
+    loaded = cvtlab.from_pretrained(path).eval()
+    assert loaded.cfg == model.cfg and loaded.class_names == ["a", "b", "c"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    seed = cvtlab.create_model("cvt_seed", num_classes=4).eval()
+    seed_loaded = cvtlab.from_pretrained(
+        cvtlab.save_weights(seed, tmp_path / "s.safetensors")
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(seed_loaded(x), seed(x))
+
+
+def test_hub_id_offline_gives_a_clear_error():
+    code = (
+        "import cvtlab\n"
+        "try:\n    cvtlab.from_pretrained('hf:microsoft/cvt-13')\n"
+        "except cvtlab.CvtLabError as e:\n    print(e)\n"
+    )
+    import subprocess
+    import sys
+
+    env_extra = {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": "/tmp/cvtlab-hf-none",
+    }
+    import os
+
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env_extra},
+    )
+    assert "hf:microsoft/cvt-13: could not download" in r.stdout
+    assert "pass its path" in r.stdout

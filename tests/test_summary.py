@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+import cvtlab
+from cvtlab.summary import format_summary, summarize
+
+from .conftest import run_cli
+
+
+def test_seed_summary_shows_the_notebooks_shape_chain():
+    s = summarize(cvtlab.create_model("cvt_seed"))
+    shapes = [tuple(layer["output_shape"]) for layer in s["layers"]]
+    chain = [(3, 64, 64), (64, 16, 16), (256, 64), (256, 64), (256, 256), (256, 64), (200,)]
+    it = iter(shapes)
+    assert all(any(shape == want for shape in it) for want in chain), shapes
+    types = [layer["type"] for layer in s["layers"]]
+    assert "MultiheadAttention" in types
+
+
+def test_cvt13_macs_match_the_paper():
+    with torch.device("meta"):
+        model = cvtlab.create_model("cvt_13")
+    assert summarize(model, 224)["total_macs"] == pytest.approx(4.5e9, rel=0.10)
+
+
+def test_attention_products_are_counted():
+    s = summarize(cvtlab.create_model("cvt_13_64"))
+    attn = [r for r in s["layers"] if r["type"] == "ConvAttention"]
+    first = attn[0]
+    # Stage 1 at 64 px with a stride-2 stem: 32×32 queries, 16×16 keys, width 64.
+    assert first["macs"] == 2 * 1024 * 256 * 64
+    assert s["total_macs"] == sum(r["macs"] for r in s["layers"])
+
+
+def test_summary_params_add_up_to_the_model():
+    model = cvtlab.create_model("cvt_seed")
+    s = summarize(model)
+    assert s["total_params"] == sum(p.numel() for p in model.parameters())
+    assert sum(r["params"] for r in s["layers"]) == s["total_params"]
+
+
+def test_markdown_and_table_formats():
+    s = summarize(cvtlab.create_model("cvt_seed"))
+    md = format_summary(s, "markdown")
+    assert md.splitlines()[0].startswith("| layer | type | output shape")
+    table = format_summary(s, "table")
+    assert "(256, 64)" in table and "total" in table.splitlines()[-1]
+
+
+def test_cli_summary_json_schema():
+    r = run_cli(
+        "summary", "cvt_seed", "--img-size", "64", "--num-classes", "200", "--format", "json"
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert set(data) == {"model", "img_size", "layers", "total_params", "total_macs"}
+    assert data["model"] == "cvt_seed" and data["img_size"] == 64
+    assert set(data["layers"][0]) == {"name", "type", "output_shape", "params", "macs"}
+    assert data["layers"][-1]["output_shape"] == [200]
+
+
+def test_cli_models_lists_every_model():
+    r = run_cli("models", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert list(rows) == cvtlab.list_models()
+    assert rows["cvt_13"]["gmacs"] == pytest.approx(4.5, rel=0.1)
+    assert rows["cvt_13"]["params_m"] == pytest.approx(19.98, rel=0.005)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["summary", "cvt_31"], ["unknown model", "cvt_21"]),
+        (["summary", "cvt_13", "--img-size", "100"], ["100", "16"]),
+    ],
+)
+def test_cli_user_mistakes_are_one_line_without_traceback(args, words):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert all(w in lines[0] for w in words)
