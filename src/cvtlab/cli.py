@@ -77,13 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     p.set_defaults(func=_cmd_summary)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from .data.commands import register as register_data
+
+    register_data(sub)
     return parser
-
-
-# Other modules add their sub-commands here, so this file stays the one place the CLI is built.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

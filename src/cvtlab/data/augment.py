@@ -1,0 +1,174 @@
+"""Augmentation on whole batches of uint8 images, on the CPU or on the GPU.
+
+The cache hands out uint8 batches (B, H, W, 3); this module turns them into normalised float
+batches (B, 3, H, W). Per-sample crop and flip are one gather; RandAugment/TrivialAugment come
+from torchvision (applied to small groups so that samples get different operations); random
+erasing and mixup/cutmix with label smoothing come from timm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+
+from ..errors import CvtLabError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation as plain data (the recipes' ``augment:`` section)."""
+
+    crop: str = "pad"  # "pad": pad + random crop; "rrc": random resized crop; "none"
+    crop_padding: int = 4  # for "pad": up to this many pixels of shift (reflection padding)
+    rrc_scale: tuple[float, float] = (0.35, 1.0)
+    flip: bool = True
+    auto_augment: str | None = "trivial"  # "trivial", "rand", or None
+    rand_magnitude: int = 9
+    group_size: int = 8  # samples sharing one sampled auto-augment operation
+    random_erase: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mix_prob: float = 1.0
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("pad", "rrc", "none"):
+            raise CvtLabError(f"augment.crop must be pad, rrc or none, not {self.crop!r}")
+        if self.auto_augment not in (None, "trivial", "rand"):
+            raise CvtLabError(
+                f"augment.auto_augment must be trivial, rand or null, not {self.auto_augment!r}"
+            )
+        self.rrc_scale = tuple(self.rrc_scale)
+
+
+def _reflect(index: torch.Tensor, n: int) -> torch.Tensor:
+    index = index.abs()
+    return torch.where(index >= n, 2 * (n - 1) - index, index)
+
+
+def crop_flip(
+    images: torch.Tensor, padding: int = 4, flip: bool = True, generator=None
+) -> torch.Tensor:
+    """Per-sample random shift by up to ``padding`` pixels (reflecting at the border) and
+    horizontal flip.
+
+    ``images``: (B, H, W, C) of any dtype; returns the same shape and dtype. Every output pixel
+    is fetched with one ``index_select`` over the flattened pixels, which is far faster on a CPU
+    than padding the batch or gathering with broadcast indices.
+    """
+    b, h, w, c = images.shape
+    device = images.device
+    oy = torch.randint(-padding, padding + 1, (b, 1), device=device, generator=generator)
+    ox = torch.randint(-padding, padding + 1, (b, 1), device=device, generator=generator)
+    rows = _reflect(oy + torch.arange(h, device=device), h)
+    cols = _reflect(ox + torch.arange(w, device=device), w)
+    if flip:
+        mirrored = torch.rand(b, 1, device=device, generator=generator) < 0.5
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    base = torch.arange(b, device=device)[:, None, None] * (h * w)
+    pixels = (base + rows[:, :, None] * w + cols[:, None, :]).reshape(-1)
+    return images.reshape(b * h * w, c).index_select(0, pixels).reshape(b, h, w, c)
+
+
+def random_resized_crop(
+    images: torch.Tensor, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True
+) -> torch.Tensor:
+    """Per-sample random resized crop (and flip) via one batched ``grid_sample``.
+
+    ``images``: (B, C, H, W) float; returns the same shape.
+    """
+    b = images.shape[0]
+    device = images.device
+    area = torch.empty(b, device=device).uniform_(*scale)
+    log_r = torch.empty(b, device=device).uniform_(
+        torch.log(torch.tensor(ratio[0])).item(), torch.log(torch.tensor(ratio[1])).item()
+    )
+    r = torch.exp(log_r)
+    sw = torch.sqrt(area * r).clamp(max=1.0)
+    sh = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (torch.rand(b, device=device) * 2 - 1) * (1 - sw)
+    cy = (torch.rand(b, device=device) * 2 - 1) * (1 - sh)
+    sx = sw * torch.where(torch.rand(b, device=device) < 0.5, -1.0, 1.0) if flip else sw
+    theta = torch.zeros(b, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, cx
+    theta[:, 1, 1], theta[:, 1, 2] = sh, cy
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+
+
+def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or float-in-[0,1] (B, 3, H, W) → normalised float (B, 3, H, W)."""
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+def denormalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Normalised (B, 3, H, W) → float in [0, 1], for showing images."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images * s + m).clamp(0, 1)
+
+
+class BatchAugment:
+    """uint8 (B, H, W, 3) images and int labels → normalised float images and (soft) targets."""
+
+    def __init__(self, cfg: AugmentConfig, num_classes: int):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.auto = {
+            "trivial": T.TrivialAugmentWide(),
+            "rand": T.RandAugment(num_ops=2, magnitude=cfg.rand_magnitude),
+            None: None,
+        }[cfg.auto_augment]
+        self.mixup = (
+            Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                prob=cfg.mix_prob,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=num_classes,
+            )
+            if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mix_prob > 0
+            else None
+        )
+        self._erase: RandomErasing | None = None
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if cfg.crop == "pad" or (cfg.crop == "none" and cfg.flip):
+            images = crop_flip(images, cfg.crop_padding if cfg.crop == "pad" else 0, cfg.flip)
+        x = images.permute(0, 3, 1, 2)  # uint8 (B, 3, H, W)
+        if self.auto is not None:
+            g = max(1, cfg.group_size)
+            x = torch.cat([self.auto(chunk.contiguous()) for chunk in x.split(g)])
+        x = x.float().div_(255)
+        if cfg.crop == "rrc":
+            x = random_resized_crop(x, cfg.rrc_scale, flip=cfg.flip)
+        x = normalize(x)
+        if cfg.random_erase > 0:
+            if self._erase is None or self._erase.device != x.device:
+                self._erase = RandomErasing(cfg.random_erase, mode="pixel", device=x.device)
+            x = self._erase(x)
+        if self.mixup is not None and len(x) % 2 == 0:
+            return self.mixup(x, labels)
+        if cfg.label_smoothing > 0:
+            off = cfg.label_smoothing / self.num_classes
+            targets = torch.full((len(labels), self.num_classes), off, device=x.device)
+            targets.scatter_(1, labels[:, None], 1.0 - cfg.label_smoothing + off)
+            return x, targets
+        return x, labels

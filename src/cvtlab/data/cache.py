@@ -1,0 +1,244 @@
+"""The decoded cache: every image of a dataset decoded once to a memory-mapped uint8 array.
+
+Layout of one cache entry (a folder under ``$CVTLAB_CACHE/decoded``, default
+``~/.cache/cvtlab/decoded``): ``images.npy`` (N×H×W×3 uint8), ``labels.npy`` (N int64, -1 for
+unlabelled) and ``manifest.json`` (source fingerprint, class names, split ranges, file names,
+grayscale counts, skipped files). An entry is built in a temporary folder and renamed into place
+in one step, so a build killed half-way leaves nothing a later run trusts; a changed source
+(another fingerprint) is rebuilt. A lock file makes concurrent processes wait for one build.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CvtLabError
+from .decode import GRAY_MODES, DecodeError, decode_image
+from .image_folder import index_image_folder
+from .index import DatasetIndex
+from .sources import Source, open_source
+from .tiny_imagenet import index_tiny_imagenet, looks_like_tiny_imagenet
+
+log = logging.getLogger("cvtlab.data")
+
+FORMAT_VERSION = 2
+_CHUNK = 2048
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CVTLAB_CACHE") or "~/.cache/cvtlab").expanduser()
+
+
+def load_index(path: str | Path | Source) -> DatasetIndex:
+    """Index a dataset (Tiny ImageNet layout or an image folder, zipped or not)."""
+    source = path if isinstance(path, Source) else open_source(path)
+    if looks_like_tiny_imagenet(source.files()):
+        return index_tiny_imagenet(source)
+    return index_image_folder(source)
+
+
+@dataclass
+class DecodedDataset:
+    """A built cache entry: arrays are memory-mapped, shared by every process that opens them."""
+
+    root: Path
+    images: np.ndarray
+    labels: np.ndarray
+    manifest: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest["class_names"]
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return {k: b - a for k, (a, b) in self.manifest["splits"].items()}
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Images (n×H×W×3) and labels of one on-disk split, as views into the cache."""
+        if name not in self.manifest["splits"]:
+            raise CvtLabError(
+                f"the dataset has no split {name!r} (it has {', '.join(self.manifest['splits'])})"
+            )
+        a, b = self.manifest["splits"][name]
+        return self.images[a:b], self.labels[a:b]
+
+    def files(self, name: str) -> list[str]:
+        a, b = self.manifest["splits"][name]
+        return self.manifest["files"][a:b]
+
+
+def _entry_dir(source: Source, size: int) -> Path:
+    location = str(getattr(source, "path", source.location))
+    key = hashlib.sha1(f"{location}|{size}|{FORMAT_VERSION}".encode()).hexdigest()[:12]
+    stem = Path(location).name.replace(".zip", "") or "dataset"
+    return cache_root() / "decoded" / f"{stem}-{size}px-{key}"
+
+
+def _read_manifest(entry: Path) -> dict | None:
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest if manifest.get("format") == FORMAT_VERSION else None
+
+
+def _open(entry: Path, manifest: dict) -> DecodedDataset:
+    images = np.load(entry / "images.npy", mmap_mode="r")
+    labels = np.load(entry / "labels.npy")
+    return DecodedDataset(entry, images, labels, manifest)
+
+
+def _decode_chunk(source: Source, npy: str, start: int, paths: list[str], size: int):
+    images = np.load(npy, mmap_mode="r+")
+    failed, gray = [], []
+    modes: Counter = Counter()
+    sizes: Counter = Counter()
+    for offset, path in enumerate(paths):
+        i = start + offset
+        try:
+            images[i], mode, (w, h) = decode_image(source.read(path), size)
+        except DecodeError as e:
+            failed.append((i, str(e)))
+        except CvtLabError as e:
+            failed.append((i, str(e).rsplit(": ", 1)[-1]))
+        else:
+            modes[mode] += 1
+            sizes[f"{w}x{h}"] += 1
+            if mode in GRAY_MODES:
+                gray.append(i)
+    images.flush()
+    return failed, gray, modes, sizes
+
+
+def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, workers: int) -> None:
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        items = [
+            (split, path, label) for split, pairs in index.splits.items() for path, label in pairs
+        ]
+        n = len(items)
+        npy = tmp / "images.npy"
+        np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+        chunks = [(s, [p for _, p, _ in items[s : s + _CHUNK]]) for s in range(0, n, _CHUNK)]
+        failed: list[tuple[int, str]] = []
+        gray: set[int] = set()
+        modes: Counter = Counter()
+        sizes: Counter = Counter()
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"decoding {index.source.location}", unit="img", disable=None)
+        if workers > 1 and n > _CHUNK:
+            ctx = get_context("fork" if os.name == "posix" else "spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futures = [
+                    pool.submit(_decode_chunk, index.source, str(npy), s, ps, size)
+                    for s, ps in chunks
+                ]
+                results = ((fut.result(), len(ps)) for fut, (_, ps) in zip(futures, chunks))
+                for (f, g, m, z), count in results:
+                    failed += f
+                    gray.update(g)
+                    modes.update(m)
+                    sizes.update(z)
+                    bar.update(count)
+        else:
+            for s, ps in chunks:
+                f, g, m, z = _decode_chunk(index.source, str(npy), s, ps, size)
+                failed += f
+                gray.update(g)
+                modes.update(m)
+                sizes.update(z)
+                bar.update(len(ps))
+        bar.close()
+
+        bad = {i for i, _ in failed}
+        for i, reason in sorted(failed):
+            index.skip(items[i][1], reason)
+            log.warning("skipped %s: %s", index.source.describe(items[i][1]), reason)
+        keep = [i for i in range(n) if i not in bad]
+        if bad:
+            # Rare: rewrite without the failed rows so that every row is a real image.
+            old = np.load(npy, mmap_mode="r")
+            compact = np.lib.format.open_memmap(
+                tmp / "images.compact.npy",
+                mode="w+",
+                dtype=np.uint8,
+                shape=(len(keep), size, size, 3),
+            )
+            for a in range(0, len(keep), _CHUNK):
+                compact[a : a + _CHUNK] = old[keep[a : a + _CHUNK]]
+            compact.flush()
+            del old, compact
+            os.replace(tmp / "images.compact.npy", npy)
+        labels = np.array([items[i][2] for i in keep], dtype=np.int64)
+        np.save(tmp / "labels.npy", labels)
+
+        splits, grayscale, start = {}, {}, 0
+        for split in index.splits:
+            count = sum(1 for i in keep if items[i][0] == split)
+            splits[split] = [start, start + count]
+            grayscale[split] = sum(1 for i in gray if items[i][0] == split)
+            start += count
+        manifest = {
+            "format": FORMAT_VERSION,
+            "source": index.source.location,
+            "kind": index.kind,
+            "fingerprint": fingerprint,
+            "img_size": size,
+            "classes": index.classes,
+            "class_names": index.class_names,
+            "splits": splits,
+            "grayscale": grayscale,
+            "modes": dict(modes.most_common()),
+            "sizes": dict(sizes.most_common(20)),
+            "files": [items[i][1] for i in keep],
+            "skipped": index.skipped,
+        }
+        # The manifest is written last: an entry without one is never trusted.
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        if entry.exists():
+            stale = entry.with_name(f"{entry.name}.stale-{os.getpid()}")
+            os.replace(entry, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_decoded(
+    path: str | Path, img_size: int = 64, workers: int | None = None
+) -> DecodedDataset:
+    """The decoded cache of the dataset at ``path`` (zip or folder) at ``img_size`` px: built on
+    first use, reused by later runs and other processes, rebuilt when the source changes."""
+    source = open_source(path)
+    entry = _entry_dir(source, img_size)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = source.fingerprint()
+    with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = _read_manifest(entry)
+        if manifest is None or manifest["fingerprint"] != fingerprint:
+            index = load_index(source)
+            workers = workers or min(os.cpu_count() or 1, 8)
+            _build(index, entry, img_size, fingerprint, workers)
+            manifest = _read_manifest(entry)
+        return _open(entry, manifest)

@@ -1,0 +1,106 @@
+"""``cvtlab data info | show | download``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def info(data: str, img_size: int = 64) -> dict:
+    """What ``cvtlab data info`` reports, as a dict (decodes the dataset into the cache once)."""
+    from .cache import open_decoded
+    from .download import resolve_data
+
+    d = open_decoded(resolve_data(data), img_size)
+    m = d.manifest
+    return {
+        "path": str(m["source"]),
+        "kind": m["kind"],
+        "classes": len(m["classes"]),
+        "splits": {k: b - a for k, (a, b) in m["splits"].items()},
+        "grayscale": m["grayscale"],
+        "modes": m.get("modes", {}),
+        "sizes": m.get("sizes", {}),
+        "skipped": m["skipped"],
+        "cache": str(d.root),
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    report = info(args.path, args.img_size)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{report['path']} ({report['kind']}): {report['classes']} classes")
+    for split, n in report["splits"].items():
+        print(f"  {split:<6} {n:>7} images, {report['grayscale'].get(split, 0)} grayscale")
+    print("  modes: " + ", ".join(f"{k} {v}" for k, v in report["modes"].items()))
+    print("  sizes: " + ", ".join(f"{k} {v}" for k, v in report["sizes"].items()))
+    print(f"  skipped: {len(report['skipped'])}")
+    for s in report["skipped"][:20]:
+        print(f"    {s['file']}: {s['reason']}")
+    if len(report["skipped"]) > 20:
+        print(f"    … and {len(report['skipped']) - 20} more (see --format json)")
+    print(f"  decoded cache: {report['cache']}")
+
+
+def _cmd_show(args: argparse.Namespace) -> None:
+    from ..report import sample_grid
+    from .cache import open_decoded
+    from .download import resolve_data
+
+    d = open_decoded(resolve_data(args.path), args.img_size)
+    images, labels = d.split(args.split)
+    out = sample_grid(
+        images,
+        labels,
+        d.class_names,
+        n=args.n,
+        seed=args.seed,
+        path=args.out,
+        title=f"{d.manifest['source']} — {args.split}",
+    )
+    print(out)
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .download import download
+
+    print(
+        download(
+            args.url, Path(args.out) if args.out else None, None if args.no_check else args.md5
+        )
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .tiny_imagenet import MD5, URL
+
+    data = sub.add_parser("data", help="inspect, show and download datasets")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    p = dsub.add_parser("info", help="classes, split counts, sizes, modes, skipped files")
+    p.add_argument("path", help="Tiny ImageNet zip or folder, an image folder, or tiny-imagenet")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.add_argument("--img-size", type=int, default=64, help="size the images are decoded to")
+    p.set_defaults(func=_cmd_info)
+
+    p = dsub.add_parser("show", help="a grid of samples with their class names, as a PNG")
+    p.add_argument("path")
+    p.add_argument("--split", default="train")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=_cmd_show)
+
+    p = dsub.add_parser(
+        "download", help="fetch the official Tiny ImageNet zip into the cache folder"
+    )
+    p.add_argument("--url", default=URL)
+    p.add_argument("--md5", default=MD5)
+    p.add_argument("--no-check", action="store_true", help="skip the checksum (for mirrors)")
+    p.add_argument("--out", default=None, help="where to save (default: the cache folder)")
+    p.set_defaults(func=_cmd_download)

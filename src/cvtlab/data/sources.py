@@ -1,0 +1,142 @@
+"""Read-only access to a dataset kept as a zip file or as a folder.
+
+Nothing here writes beside the data: the notebook crashed exactly there, on a read-only mount.
+Paths are POSIX, relative to the dataset's root (a zip's single top folder is the root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+from ..errors import CvtLabError
+
+
+class Source:
+    """A read-only tree of files: ``files()`` lists them, ``read()`` returns their bytes."""
+
+    location: str
+
+    def files(self) -> list[str]:
+        raise NotImplementedError
+
+    def read(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def folders(self) -> set[str]:
+        """Every folder, including empty ones where the format records them."""
+        found = set()
+        for f in self.files():
+            parts = f.split("/")[:-1]
+            found.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        return found
+
+    def fingerprint(self) -> str:
+        """Changes whenever a file is added, removed, resized or rewritten."""
+        raise NotImplementedError
+
+    def describe(self, path: str) -> str:
+        """How to name ``path`` in a message to the user."""
+        return f"{self.location}:{path}"
+
+
+class ZipSource(Source):
+    def __init__(self, path: Path):
+        self.path = path.resolve()
+        self.location = str(path)
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CvtLabError(f"{path}: not a readable zip file ({e})") from None
+        names = [i.filename for i in infos if not i.is_dir()]
+        tops = {n.split("/", 1)[0] for n in names}
+        # A zip holding one top folder (tiny-imagenet-200/...) is rooted inside it, unless that
+        # folder is itself a split folder of an image-folder dataset.
+        single = len(tops) == 1 and all("/" in n for n in names)
+        top = tops.pop() if single else ""
+        self.prefix = f"{top}/" if single and top not in ("train", "val", "test") else ""
+        self._names = [n[len(self.prefix) :] for n in names if not n.endswith("/")]
+        self._dirs = {
+            i.filename[len(self.prefix) :].rstrip("/")
+            for i in infos
+            if i.is_dir() and len(i.filename) > len(self.prefix)
+        }
+        self._zip: zipfile.ZipFile | None = None
+        self._pid = -1
+
+    def files(self) -> list[str]:
+        return list(self._names)
+
+    def read(self, path: str) -> bytes:
+        # A ZipFile handle must not be shared across forked worker processes.
+        if self._zip is None or self._pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._pid = os.getpid()
+        try:
+            return self._zip.read(self.prefix + path)
+        except KeyError:
+            raise CvtLabError(f"{self.describe(path)}: no such file in the zip") from None
+
+    def folders(self) -> set[str]:
+        return super().folders() | self._dirs
+
+    def fingerprint(self) -> str:
+        st = self.path.stat()
+        return f"zip:{st.st_size}:{st.st_mtime_ns}"
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_zip"] = None
+        return state
+
+
+class DirSource(Source):
+    def __init__(self, path: Path):
+        self.path = path.resolve()
+        self.location = str(path)
+        self._names = sorted(
+            p.relative_to(self.path).as_posix()
+            for p in self.path.rglob("*")
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(self.path).parts)
+        )
+
+    def files(self) -> list[str]:
+        return list(self._names)
+
+    def read(self, path: str) -> bytes:
+        try:
+            return (self.path / path).read_bytes()
+        except OSError as e:
+            raise CvtLabError(f"{self.describe(path)}: cannot be read ({e.strerror})") from None
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha1()
+        for name in self._names:
+            st = (self.path / name).stat()
+            digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return f"dir:{digest.hexdigest()}"
+
+    def describe(self, path: str) -> str:
+        return str(self.path / path)
+
+    def folders(self) -> set[str]:
+        return {
+            p.relative_to(self.path).as_posix()
+            for p in self.path.rglob("*")
+            if p.is_dir()
+            and not any(part.startswith(".") for part in p.relative_to(self.path).parts)
+        }
+
+
+def open_source(path: str | Path) -> Source:
+    """A zip file or a folder; anything else is a one-line error."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return DirSource(path)
+    if path.is_file():
+        return ZipSource(path)
+    raise CvtLabError(f"{path}: no such dataset file or folder")

@@ -1,0 +1,133 @@
+"""Plots people look at: training curves, sample and prediction grids, confused class pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _short(name: str, limit: int = 18) -> str:
+    name = name.split(",")[0].strip()
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    *,
+    n: int = 32,
+    seed: int = 0,
+    path: str | Path,
+    title: str = "",
+    predicted: np.ndarray | None = None,
+    indices: np.ndarray | None = None,
+) -> Path:
+    """A PNG grid of uint8 (N, H, W, 3) images with their class name under each (and, with
+    ``predicted``, the prediction, green when right and red when wrong)."""
+    if indices is None:
+        rng = np.random.default_rng(seed)
+        indices = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    cols = min(8, len(indices)) or 1
+    rows = max(1, int(np.ceil(len(indices) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, indices):
+        ax.imshow(np.asarray(images[i]), interpolation="nearest")
+        true = class_names[labels[i]] if labels[i] >= 0 else "?"
+        if predicted is None:
+            ax.set_title(_short(true), fontsize=7)
+        else:
+            ok = predicted[i] == labels[i]
+            ax.set_title(
+                f"{_short(true)}\n→ {_short(class_names[predicted[i]])}",
+                fontsize=6.5,
+                color="green" if ok else "red",
+            )
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curves(history: list[dict], path: str | Path) -> Path:
+    """Loss and top-1 per epoch (train and val) from ``metrics.csv`` rows."""
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, style in (("train_loss", "-"), ("val_loss", "--")):
+        vals = [r.get(key) for r in history]
+        if any(v is not None for v in vals):
+            ax_loss.plot(epochs, vals, style, marker="o", ms=3, label=key)
+    for key, style in (
+        ("train_top1", "-"),
+        ("val_top1", "--"),
+        ("val_top1_ema", ":"),
+        ("val_top5", "-."),
+    ):
+        vals = [r.get(key) for r in history]
+        if any(v is not None for v in vals):
+            ax_acc.plot(
+                epochs,
+                [v * 100 if v is not None else None for v in vals],
+                style,
+                marker="o",
+                ms=3,
+                label=key,
+            )
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confused_pairs(confusion: np.ndarray, class_names: list[str], k: int = 15) -> list[dict]:
+    """The ``k`` (true, predicted) pairs most often confused, from a confusion matrix."""
+    off = confusion.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(off, axis=None)[::-1][:k]
+    pairs = []
+    for idx in flat:
+        t, p = np.unravel_index(idx, off.shape)
+        if off[t, p] == 0:
+            break
+        pairs.append(
+            {
+                "true": class_names[t],
+                "predicted": class_names[p],
+                "count": int(off[t, p]),
+                "of": int(confusion[t].sum()),
+            }
+        )
+    return pairs
+
+
+def confused_pairs_plot(pairs: list[dict], path: str | Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(pairs), 1) + 1))
+    labels = [f"{_short(p['true'], 24)} → {_short(p['predicted'], 24)}" for p in pairs][::-1]
+    ax.barh(range(len(pairs)), [p["count"] for p in pairs][::-1], color="#c0504d")
+    ax.set_yticks(range(len(pairs)), labels, fontsize=8)
+    ax.set_xlabel("test images")
+    ax.set_title("most confused class pairs (true → predicted)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
