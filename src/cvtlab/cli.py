@@ -60,11 +60,20 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     print(format_summary(summarize(model, args.img_size), args.format))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"cvtlab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cvtlab", description="Convolutional vision Transformers: models, data, training."
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
 
     p = sub.add_parser("models", help="list the registered models with parameters and GMACs")
     p.add_argument("--format", choices=["table", "json"], default="table")
@@ -78,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_summary)
 
     from .data.commands import register as register_data
+    from .train.commands import register as register_train
 
     register_data(sub)
+    register_train(sub)
     return parser
 
 

@@ -1,0 +1,39 @@
+"""Export a trained model: ``.safetensors`` (weights + architecture) or ONNX (dynamic batch)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import CvtLabError
+from .inference import load_predictor
+from .models.pretrained import save_weights
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path, opset: int = 17) -> Path:
+    predictor = load_predictor(checkpoint)
+    model = predictor.model.eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        return save_weights(model, out, predictor.class_names)
+    if fmt != "onnx":
+        raise CvtLabError(f"--format must be safetensors or onnx, not {fmt!r}")
+    example = torch.zeros(1, 3, predictor.img_size, predictor.img_size)
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes about the input-size check
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    tmp.replace(out)
+    return out

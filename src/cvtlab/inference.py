@@ -1,0 +1,69 @@
+"""Loading a trained model for evaluation, prediction and export, whatever file holds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.augment import normalize
+from .data.decode import DecodeError, decode_image
+from .errors import CvtLabError
+
+
+@dataclass
+class Predictor:
+    model: nn.Module
+    class_names: list[str]
+    img_size: int
+    run_config: dict | None = None  # the training run's config.yaml, when beside the checkpoint
+
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images → class probabilities (N, K)."""
+        return self.model(normalize(torch.from_numpy(np.array(images, dtype=np.uint8)))).softmax(-1)
+
+
+def _run_config(checkpoint: Path) -> dict | None:
+    import yaml
+
+    for candidate in (checkpoint.parent.parent / "config.yaml", checkpoint.parent / "config.yaml"):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text())
+    return None
+
+
+def load_predictor(checkpoint: str | Path) -> Predictor:
+    """A model in eval mode from a cvtlab ``.ckpt`` (its EMA weights when the run kept an EMA),
+    a cvtlab ``.safetensors`` export, an official ``.pth`` or a Hugging Face folder."""
+    path = Path(checkpoint)
+    if path.suffix == ".ckpt":
+        from .train.module import load_module
+
+        module = load_module(str(path))
+        model = module.eval_model().eval()
+        names = list(module.hparams.class_names)
+    else:
+        from .models.pretrained import from_pretrained
+
+        model = from_pretrained(path).eval()
+        names = getattr(model, "class_names", None) or [str(i) for i in range(model.num_classes)]
+    model.class_names = names
+    return Predictor(model, names, int(model.img_size), _run_config(path))
+
+
+def read_image(path: str | Path, size: int) -> np.ndarray:
+    """One image file of any format and mode → (size, size, 3) uint8; a one-line error names the
+    file when it cannot be used."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CvtLabError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return decode_image(data, size)[0]
+    except DecodeError as e:
+        raise CvtLabError(f"{path}: {e}") from None

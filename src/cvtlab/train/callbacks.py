@@ -1,0 +1,88 @@
+"""Callbacks and plugins a cvtlab run adds to Lightning's Trainer."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+EPOCH_KEYS = [
+    "epoch",
+    "step",
+    "lr",
+    "train_loss_epoch",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "val_top1_raw",
+    "train_images_per_second",
+    "elapsed_s",
+]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file beside the target, flush it to disk, then rename: a kill at any
+    moment leaves either the old checkpoint or the new one, never a torn file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class EpochHistory(Checkpoint):
+    """One row per epoch in ``metrics.csv``, rewritten whole each epoch and kept in the
+    checkpoint so a resumed run continues the same file. (A ``Checkpoint`` subclass so that
+    Lightning calls it after the module has logged its epoch metrics.)"""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        self._start_elapsed = 0.0
+        self._t0 = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+        self._start_elapsed = self.rows[-1]["elapsed_s"] if self.rows else 0.0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        import time
+
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        for key in EPOCH_KEYS[3:-1]:
+            if key in m:
+                row[key] = float(m[key])
+        row["elapsed_s"] = round(self._start_elapsed + time.perf_counter() - self._t0, 2)
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        if trainer.is_global_zero:
+            self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=EPOCH_KEYS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))

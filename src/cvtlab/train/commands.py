@@ -1,0 +1,250 @@
+"""``cvtlab train | eval | predict | export | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from ..errors import CvtLabError
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="recipe YAML; flags override its values")
+    p.add_argument("--data", help="Tiny ImageNet zip or folder, an image folder, or tiny-imagenet")
+    p.add_argument("--model")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate at batch size 512 (scaled linearly)"
+    )
+    p.add_argument("--out", help="output folder of the run")
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--pretrained", help="checkpoint to start from (official .pth, HF folder, cvtlab file)"
+    )
+    p.add_argument("--devices", help="number of devices, or a list like 0,1")
+    p.add_argument("--accelerator", help="cpu, gpu, auto, …")
+    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--strategy", help="auto, ddp, …")
+    p.add_argument("--precision", help="32, bf16-mixed or 16-mixed")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    p.add_argument("--logger", help="csv, tensorboard, wandb or none")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+
+
+_FLAG_KEYS = [
+    "data",
+    "model",
+    "img_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "out",
+    "seed",
+    "pretrained",
+    "devices",
+    "accelerator",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "resume",
+    "logger",
+    "max_minutes",
+    "compile",
+]
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .run import configure_from_cli, train
+
+    flags = {k: getattr(args, k) for k in _FLAG_KEYS}
+    cfg = configure_from_cli(args.config, flags)
+    metrics = train(cfg)
+    _print_run(cfg.out, metrics)
+
+
+def _print_run(out: str, metrics: dict) -> None:
+    import lightning as L  # noqa: F401  (rank is known once Lightning has set up)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    print(
+        f"test top-1 {metrics['test_top1']:.4f}, top-5 {metrics['test_top5']:.4f} "
+        f"(best val top-1 {metrics['val_top1'] or 0:.4f} at epoch {metrics['best_epoch']}); "
+        f"{metrics['train_images_per_second'] or 0:.0f} train images/s"
+    )
+    print(f"run folder: {out}  (metrics.json, metrics.csv, checkpoints/, report/)")
+
+
+def evaluate(
+    checkpoint: str, data: str | None = None, split: str = "test", batch_size: int = 256
+) -> dict:
+    """Top-1, top-5, loss and per-class accuracy of ``checkpoint`` on ``split`` of ``data``
+    (default: the run's own data, split the same way as in training)."""
+    import torch
+    import torch.nn.functional as F
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from ..data.cache import open_decoded
+    from ..data.download import resolve_data
+    from ..data.splits import plan_splits
+    from ..inference import load_predictor
+
+    predictor = load_predictor(checkpoint)
+    run = predictor.run_config or {}
+    data = data or run.get("data")
+    if not data:
+        raise CvtLabError(f"{checkpoint}: no config.yaml beside the checkpoint, so pass --data")
+    decoded = open_decoded(resolve_data(data), predictor.img_size)
+    if len(decoded.classes) != len(predictor.class_names):
+        raise CvtLabError(
+            f"{data}: has {len(decoded.classes)} classes but the checkpoint predicts {len(predictor.class_names)}"
+        )
+    rows = plan_splits(decoded, run.get("val_per_class", 10), run.get("seed", 0))
+    if split not in rows:
+        raise CvtLabError(f"--split must be val or test, not {split!r}")
+    idx = rows[split]
+    if not len(idx):
+        raise CvtLabError(f"{data}: the {split} split is empty")
+    k = len(predictor.class_names)
+    top1 = MulticlassAccuracy(k, top_k=1, average="micro")
+    top5 = MulticlassAccuracy(k, top_k=min(5, k), average="micro")
+    per_class = MulticlassAccuracy(k, top_k=1, average=None)
+    loss_sum = 0.0
+    from ..data.augment import normalize
+
+    with torch.no_grad():
+        for a in range(0, len(idx), batch_size):
+            rows_b = idx[a : a + batch_size]
+            x = normalize(torch.from_numpy(np.asarray(decoded.images[rows_b])))
+            y = torch.from_numpy(decoded.labels[rows_b].astype(np.int64))
+            logits = predictor.model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            for m in (top1, top5, per_class):
+                m.update(logits, y)
+    accs = per_class.compute().tolist()
+    return {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "split": split,
+        "n": int(len(idx)),
+        "top1": float(top1.compute()),
+        "top5": float(top5.compute()),
+        "loss": loss_sum / len(idx),
+        "per_class": {name: float(a) for name, a in zip(predictor.class_names, accs)},
+    }
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    result = evaluate(args.checkpoint, args.data, args.split, args.batch_size)
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return
+    print(
+        f"{result['split']} of {result['data']}: n={result['n']}  top-1 {result['top1']:.4f}  "
+        f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}"
+    )
+    worst = sorted(result["per_class"].items(), key=lambda kv: kv[1])[:10]
+    print("lowest per-class accuracy: " + ", ".join(f"{n.split(',')[0]} {a:.2f}" for n, a in worst))
+
+
+def predict(checkpoint: str, images: list[str], topk: int = 5) -> list[dict]:
+    """Top-``topk`` class names and probabilities per image; an unreadable image gets an
+    ``error`` entry instead, and the others are still predicted."""
+    from ..inference import load_predictor, read_image
+
+    predictor = load_predictor(checkpoint)
+    results = []
+    for path in images:
+        try:
+            pixels = read_image(path, predictor.img_size)
+        except CvtLabError as e:
+            results.append({"image": path, "error": str(e)})
+            continue
+        probs = predictor.probabilities(pixels[None])[0]
+        values, indices = probs.topk(min(topk, len(probs)))
+        results.append(
+            {
+                "image": path,
+                "predictions": [
+                    {"class": predictor.class_names[i], "probability": round(float(v), 6)}
+                    for v, i in zip(values.tolist(), indices.tolist())
+                ],
+            }
+        )
+    return results
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    results = predict(args.checkpoint, args.images, args.topk)
+    if args.format == "json":
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['image']}: skipped ({r['error']})")
+                continue
+            print(r["image"])
+            for p in r["predictions"]:
+                print(f"  {p['probability']:.4f}  {p['class']}")
+    failed = sum("error" in r for r in results)
+    if failed:
+        print(
+            f"cvtlab: warning: {failed} of {len(results)} images could not be read", file=sys.stderr
+        )
+    return 1 if failed == len(results) else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from ..export import export
+
+    print(export(args.checkpoint, args.format, args.out))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, minutes=args.minutes)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (Lightning); writes a run folder")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5/loss/per-class accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="default: the run's own data (config.yaml beside the checkpoint)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="class names and probabilities for image files")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export weights as safetensors or ONNX")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["safetensors", "onnx"], required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "demo", help="generate a small dataset and run train → test → predict → report"
+    )
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=1.5, help="training budget")
+    p.set_defaults(func=_cmd_demo)
+
+
+__all__ = ["evaluate", "predict", "register"]

@@ -1,0 +1,130 @@
+"""A training run's configuration: plain data, read from a recipe YAML, overridden by flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data.augment import AugmentConfig
+from ..errors import CvtLabError
+
+
+@dataclass
+class TrainConfig:
+    # what to train on, and what
+    data: str = "tiny-imagenet"
+    model: str = "cvt_13_64"
+    img_size: int | None = None  # None: the model's own size
+    pretrained: str | None = None
+    model_overrides: dict = field(default_factory=dict)  # e.g. {drop_path_rate: 0.1}
+    val_per_class: int = 10
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    lr: float = 1e-3  # peak learning rate at batch_size 512, scaled linearly to batch_size
+    scale_lr: bool = True
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 5.0
+    min_lr_ratio: float = 0.01
+    grad_clip: float | None = 5.0
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # 0 turns the weight EMA off
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # engineering
+    out: str = "runs/cvtlab"
+    seed: int = 0
+    devices: str | int = 1
+    accelerator: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32"
+    compile: bool = False
+    channels_last: bool = False
+    num_workers: int = 0
+    logger: str = "csv"
+    ckpt_every_n_steps: int = 200
+    max_minutes: float | None = None  # wall-clock budget for training (time-to-accuracy runs)
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            known = {f.name for f in fields(AugmentConfig)}
+            unknown = sorted(set(self.augment) - known)
+            if unknown:
+                raise CvtLabError(
+                    f"unknown augment key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+                )
+            self.augment = AugmentConfig(**self.augment)
+        self.betas = tuple(self.betas)
+        if self.lr <= 0:
+            raise CvtLabError(f"--lr must be positive, got {self.lr}")
+        if self.epochs <= 0:
+            raise CvtLabError(f"--epochs must be positive, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise CvtLabError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.precision not in ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true"):
+            raise CvtLabError(
+                f"--precision must be 32, bf16-mixed or 16-mixed, not {self.precision!r}"
+            )
+        if self.logger not in ("csv", "tensorboard", "wandb", "none"):
+            raise CvtLabError(
+                f"--logger must be csv, tensorboard, wandb or none, not {self.logger!r}"
+            )
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise CvtLabError(f"max_minutes must be positive, got {self.max_minutes}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.batch_size / 512 if self.scale_lr else self.lr
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        d["augment"]["rrc_scale"] = list(self.augment.rrc_scale)
+        return d
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "configs"
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file, or the name of one shipped with cvtlab (``demo``, ``cpu_30min``, …)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise CvtLabError(f"{path}: no such recipe file (shipped recipes: {names})")
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = recipe_path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CvtLabError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CvtLabError(f"{path}: a recipe is a mapping of keys to values")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CvtLabError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    return data
+
+
+def make_config(recipe: str | Path | None = None, **flags: Any) -> TrainConfig:
+    """The recipe's values, then every flag that was given (not None) on top."""
+    values = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,256 @@
+"""The LightningModule: loss, metrics, optimiser, schedule and weight EMA around a CvT."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from ..data.augment import AugmentConfig, BatchAugment, normalize
+from ..errors import CvtLabError
+from ..models.registry import build_model, get_config
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms, biases (every tensor of one dimension) and the names
+    the model lists in ``no_weight_decay`` (the class token)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CvTClassifier(L.LightningModule):
+    def __init__(
+        self,
+        model: str,
+        model_config: dict,
+        class_names: list[str],
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        ema_decay: float = 0.0,
+        augment: dict | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        base = get_config(model)
+        self.model = build_model(type(base)(**model_config), model)
+        self.model.model_name = model
+        self.model.class_names = list(class_names)
+        self.num_classes = len(class_names)
+        self.augment = BatchAugment(AugmentConfig(**(augment or {})), self.num_classes)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.ema = (
+            ModelEmaV3(self.model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
+        )
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        # Kept out of the module tree, so the state dict holds each weight once.
+        self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
+        k = self.num_classes
+        top5 = min(5, k)
+        self.train_top1 = MulticlassAccuracy(k, top_k=1, average="micro")
+        self.train_loss = MeanMetric()
+        self.val_top1 = MulticlassAccuracy(k, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(k, top_k=top5, average="micro")
+        self.val_loss = MeanMetric()
+        self.val_top1_raw = MulticlassAccuracy(k, top_k=1, average="micro")
+        self.test_top1 = MulticlassAccuracy(k, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(k, top_k=top5, average="micro")
+        self.test_loss = MeanMetric()
+        self.test_per_class = MulticlassAccuracy(k, top_k=1, average=None)
+        self.test_confusion = MulticlassConfusionMatrix(k)
+        self._seen, self._clock = 0, None
+
+    # -- data on the device --------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        images, labels = batch
+        if self.trainer is not None and self.trainer.training:
+            x, targets = self.augment(images, labels)
+        else:
+            x, targets = normalize(images), labels
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, targets, labels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._compiled or self.model)(x)
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated, tested and exported: the EMA when it is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    # -- steps ---------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int):
+        x, targets, labels = batch
+        logits = self(x)
+        if targets.ndim == 2:
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(
+                logits.float(), targets, label_smoothing=self.hparams.label_smoothing
+            )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss became {loss.item()} at epoch {self.current_epoch}, "
+                f"step {self.global_step}"
+            )
+        self.train_loss.update(loss.detach())
+        self.train_top1.update(logits.detach(), labels)
+        self._seen += len(x)
+        self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def on_train_epoch_start(self) -> None:
+        self._seen, self._clock = 0, time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        elapsed = time.perf_counter() - (self._clock or time.perf_counter())
+        world = self.trainer.world_size if self.trainer else 1
+        ips = self._seen * world / elapsed if elapsed > 0 else 0.0
+        self.log("train_images_per_second", ips, sync_dist=False, rank_zero_only=True)
+        self.log("train_loss_epoch", self.train_loss.compute(), sync_dist=True)
+        self.log("train_top1", self.train_top1.compute())
+        self.train_loss.reset()
+        self.train_top1.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, _, labels = batch
+        logits = self.eval_model()(x)
+        self.val_loss.update(F.cross_entropy(logits.float(), labels))
+        self.val_top1.update(logits, labels)
+        self.val_top5.update(logits, labels)
+        if self.ema is not None:
+            self.val_top1_raw.update(self.model(x), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_loss", self.val_loss.compute(), prog_bar=False, sync_dist=True)
+        self.log("val_top1", self.val_top1.compute(), prog_bar=True)
+        self.log("val_top5", self.val_top5.compute())
+        if self.ema is not None:
+            self.log("val_top1_raw", self.val_top1_raw.compute())
+            self.val_top1_raw.reset()
+        self.val_loss.reset()
+        self.val_top1.reset()
+        self.val_top5.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, _, labels = batch
+        logits = self.eval_model()(x)
+        self.test_loss.update(F.cross_entropy(logits.float(), labels))
+        self.test_top1.update(logits, labels)
+        self.test_top5.update(logits, labels)
+        self.test_per_class.update(logits, labels)
+        self.test_confusion.update(logits, labels)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test_loss", self.test_loss.compute(), sync_dist=True)
+        self.log("test_top1", self.test_top1.compute())
+        self.log("test_top5", self.test_top5.compute())
+        # Kept for the report; torchmetrics has already summed them across processes.
+        self.per_class_accuracy = self.test_per_class.compute().cpu()
+        self.confusion = self.test_confusion.compute().cpu()
+        for m in (
+            self.test_loss,
+            self.test_top1,
+            self.test_top5,
+            self.test_per_class,
+            self.test_confusion,
+        ):
+            m.reset()
+
+    def predict_step(self, batch, batch_idx: int):
+        x, _, _ = batch
+        return self.eval_model()(x).softmax(-1)
+
+    # -- optimisation --------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas)
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, hp.warmup_steps, hp.total_steps, hp.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- exact resume ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain tensors and numbers only, so the checkpoint loads with weights_only=True.
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            kind, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(states["python"])
+
+
+def load_module(path: str) -> CvTClassifier:
+    """A trained module from a cvtlab Lightning checkpoint (read with ``weights_only=True``)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise CvtLabError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling, zip and I/O errors all mean the same to the user
+        raise CvtLabError(
+            f"{path}: not a readable cvtlab checkpoint ({type(e).__name__})"
+        ) from None
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise CvtLabError(
+            f"{path}: not a cvtlab training checkpoint (no hyper_parameters/state_dict)"
+        )
+    hp = dict(ckpt["hyper_parameters"])
+    hp["compile"] = False
+    module = CvTClassifier(**hp)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CvtLabError(f"{path}: does not match its own architecture ({first})") from None
+    return module.eval()

@@ -1,0 +1,52 @@
+"""The ``report/`` folder of a run: curves, predictions on test images, confused class pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.augment import normalize
+from ..report import confused_pairs, confused_pairs_plot, curves, sample_grid
+
+
+def write_report(out: Path, module, dm, rows: list[dict], n_predictions: int = 24) -> None:
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    if rows:
+        curves(rows, report / "curves.png")
+    names = dm.class_names
+    test_rows = dm.rows["test"]
+    if len(test_rows):
+        rng = np.random.default_rng(0)
+        pick = np.sort(
+            rng.choice(test_rows, size=min(n_predictions, len(test_rows)), replace=False)
+        )
+        images = np.asarray(dm.data.images[pick])
+        labels = dm.data.labels[pick]
+        model = module.eval_model().eval().cpu()
+        with torch.no_grad():
+            predicted = model(normalize(torch.from_numpy(images))).argmax(-1).numpy()
+        sample_grid(
+            images,
+            labels,
+            names,
+            path=report / "test_predictions.png",
+            title="test images: true → predicted",
+            predicted=predicted,
+            indices=np.arange(len(images)),
+        )
+    confusion = getattr(module, "confusion", None)
+    if confusion is not None:
+        pairs = confused_pairs(confusion.numpy(), names)
+        (report / "confused_pairs.json").write_text(json.dumps(pairs, indent=2))
+        confused_pairs_plot(pairs, report / "confused_pairs.png")
+    per_class = getattr(module, "per_class_accuracy", None)
+    if per_class is not None:
+        table = sorted(
+            ({"class": n, "accuracy": float(a)} for n, a in zip(names, per_class.tolist())),
+            key=lambda r: r["accuracy"],
+        )
+        (report / "per_class_accuracy.json").write_text(json.dumps(table, indent=2))

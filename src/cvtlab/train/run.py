@@ -1,0 +1,224 @@
+"""``cvtlab train``: one run from configuration to checkpoints, metrics and report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from ..data.datamodule import ImageDataModule
+from ..data.download import resolve_data
+from ..errors import CvtLabError
+from ..models.pretrained import load_pretrained_into
+from ..models.registry import get_config
+from .callbacks import AtomicCheckpointIO, EpochHistory
+from .config import TrainConfig, make_config, save_config
+from .module import CvTClassifier
+
+log = logging.getLogger("cvtlab.train")
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+
+
+def _logger(cfg: TrainConfig, out: Path):
+    if cfg.logger == "none":
+        return False
+    if cfg.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(out, name="logs", version="")
+    if cfg.logger == "tensorboard":
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            return TensorBoardLogger(out, name="logs", version="")
+        except ModuleNotFoundError:
+            raise CvtLabError(
+                "--logger tensorboard needs the tensorboard package (pip install tensorboard)"
+            ) from None
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_DIR", str(out))
+        return WandbLogger(project="cvtlab", save_dir=str(out), name=out.name)
+    except ModuleNotFoundError:
+        raise CvtLabError(
+            "--logger wandb needs the wandb package (pip install 'cvtlab[wandb]')"
+        ) from None
+
+
+def _check_out(cfg: TrainConfig, out: Path) -> None:
+    last = out / "checkpoints" / "last.ckpt"
+    if cfg.resume:
+        if not last.is_file():
+            raise CvtLabError(
+                f"--resume: {last} does not exist, so there is no run to resume in {out}"
+            )
+        return
+    if (out / "config.yaml").exists() or (out / "checkpoints").exists():
+        raise CvtLabError(
+            f"{out} holds another run; pass --resume to continue it or choose another --out"
+        )
+
+
+def configure_from_cli(recipe: str | None, flags: dict) -> TrainConfig:
+    """A run's config; ``--resume`` starts from the saved ``config.yaml`` of ``--out``."""
+    if flags.get("resume") and flags.get("out"):
+        saved = Path(flags["out"]) / "config.yaml"
+        if saved.is_file():
+            return make_config(saved, **flags)
+    return make_config(recipe, **flags)
+
+
+def build_trainer(
+    cfg: TrainConfig, out: Path, history: EpochHistory, extra_callbacks=()
+) -> L.Trainer:
+    ckpt_dir = out / "checkpoints"
+    last = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="last",
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=cfg.ckpt_every_n_steps or None,
+        enable_version_counter=False,
+    )
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor="val_top1",
+        mode="max",
+        save_top_k=1,
+        save_last=True,  # last.ckpt also at every epoch's end, not only every N steps
+        enable_version_counter=False,
+    )
+    devices = cfg.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    return L.Trainer(
+        max_epochs=cfg.epochs,
+        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+        accelerator=cfg.accelerator,
+        devices=devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        gradient_clip_val=cfg.grad_clip,
+        callbacks=[history, last, best, TQDMProgressBar(refresh_rate=10), *extra_callbacks],
+        logger=_logger(cfg, out),
+        default_root_dir=out,
+        use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+    )
+
+
+def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
+    """Train, test the best checkpoint on the test split, write ``metrics.json`` and the report;
+    returns the metrics."""
+    _quiet_lightning()
+    out = Path(cfg.out)
+    _check_out(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    img_size = cfg.img_size or get_config(cfg.model).img_size
+    dm = ImageDataModule(
+        resolve_data(cfg.data),
+        img_size=img_size,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        val_per_class=cfg.val_per_class,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+    )
+    dm.prepare_data()
+    dm.setup()
+    history = EpochHistory(out / "metrics.csv")
+    trainer = build_trainer(cfg, out, history, extra_callbacks)
+    if trainer.is_global_zero and not cfg.resume:
+        save_config(cfg, out / "config.yaml")
+
+    steps_per_epoch = len(dm.rows["train"]) // (cfg.batch_size * trainer.world_size)
+    if steps_per_epoch < 1:
+        raise CvtLabError(
+            f"--batch-size {cfg.batch_size} × {trainer.world_size} processes is larger than the "
+            f"{len(dm.rows['train'])} training images"
+        )
+    model_cfg = get_config(
+        cfg.model, num_classes=dm.num_classes, img_size=img_size, **cfg.model_overrides
+    )
+    module = CvTClassifier(
+        model=cfg.model,
+        model_config=model_cfg.to_dict(),
+        class_names=dm.class_names,
+        lr=cfg.peak_lr,
+        weight_decay=cfg.weight_decay,
+        betas=cfg.betas,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        total_steps=cfg.epochs * steps_per_epoch,
+        min_lr_ratio=cfg.min_lr_ratio,
+        label_smoothing=cfg.label_smoothing,
+        ema_decay=cfg.ema_decay,
+        augment=cfg.to_dict()["augment"] | {"label_smoothing": cfg.label_smoothing},
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+    )
+    if cfg.pretrained and not cfg.resume:
+        load_pretrained_into(module.model, cfg.pretrained)
+        if module.ema is not None:
+            module.ema.set(module.model)
+
+    last = out / "checkpoints" / "last.ckpt"
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if cfg.resume else None)
+    except FloatingPointError as e:
+        raise CvtLabError(
+            f"{e}; stopped, the last good checkpoint is {last} (try a lower --lr)"
+        ) from None
+    best_path = out / "checkpoints" / "best.ckpt"
+    test_ckpt = str(best_path) if best_path.is_file() else str(last)
+    results = trainer.test(module, datamodule=dm, ckpt_path=test_ckpt, verbose=False)[0]
+    metrics = _summarise(cfg, history.rows, results, test_ckpt, trainer.world_size)
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        from .reporting import write_report
+
+        write_report(out, module, dm, history.rows)
+    return metrics
+
+
+def _summarise(cfg: TrainConfig, rows: list[dict], test: dict, test_ckpt: str, world: int) -> dict:
+    scored = [r for r in rows if r.get("val_top1") is not None]
+    best = max(scored, key=lambda r: r["val_top1"]) if scored else {}
+    ips = [r["train_images_per_second"] for r in rows if r.get("train_images_per_second")]
+    return {
+        "model": cfg.model,
+        "val_top1": best.get("val_top1"),
+        "val_top5": best.get("val_top5"),
+        "best_epoch": best.get("epoch"),
+        "test_top1": float(test["test_top1"]),
+        "test_top5": float(test["test_top5"]),
+        "test_loss": float(test["test_loss"]),
+        "test_checkpoint": test_ckpt,
+        "epochs": len(rows),
+        "steps": rows[-1]["step"] if rows else 0,
+        "train_images_per_second": float(np.median(ips)) if ips else None,
+        "train_seconds": rows[-1]["elapsed_s"] if rows else 0.0,
+        "processes": world,
+    }
+
+
+__all__ = ["configure_from_cli", "train"]
