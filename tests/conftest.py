@@ -12,6 +12,32 @@ TINY_ZIP = REPO.parent / "shared" / "data" / "tiny-imagenet-200.zip"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every test (and every process it starts) uses a fresh cache folder, never ~/.cache."""
+    path = tmp_path_factory.mktemp("cvtlab-cache")
+    old = os.environ.get("CVTLAB_CACHE")
+    os.environ["CVTLAB_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("CVTLAB_CACHE", None)
+    else:
+        os.environ["CVTLAB_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def shapes_small(tmp_path_factory) -> Path:
+    """A small generated dataset in the Tiny ImageNet layout (10 classes, 60 train images each)."""
+    from cvtlab.data.synthetic import make_synthetic_tiny_imagenet
+
+    return make_synthetic_tiny_imagenet(
+        tmp_path_factory.mktemp("shapes") / "shapes",
+        train_per_class=60,
+        val_per_class=10,
+        test_images=8,
+    )
+
+
 @pytest.fixture
 def tiny_zip() -> Path:
     if not TINY_ZIP.is_file():

@@ -64,7 +64,7 @@ def curves(history: list[dict], path: str | Path) -> Path:
     """Loss and top-1 per epoch (train and val) from ``metrics.csv`` rows."""
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, style in (("train_loss", "-"), ("val_loss", "--")):
+    for key, style in (("train_loss_epoch", "-"), ("val_loss", "--")):
         vals = [r.get(key) for r in history]
         if any(v is not None for v in vals):
             ax_loss.plot(epochs, vals, style, marker="o", ms=3, label=key)

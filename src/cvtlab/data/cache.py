@@ -57,6 +57,7 @@ class DecodedDataset:
     images: np.ndarray
     labels: np.ndarray
     manifest: dict
+    built_now: bool = False  # True when this call decoded the source (not reused)
 
     @property
     def classes(self) -> list[str]:
@@ -236,9 +237,12 @@ def open_decoded(
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = _read_manifest(entry)
-        if manifest is None or manifest["fingerprint"] != fingerprint:
+        built = manifest is None or manifest["fingerprint"] != fingerprint
+        if built:
             index = load_index(source)
             workers = workers or min(os.cpu_count() or 1, 8)
             _build(index, entry, img_size, fingerprint, workers)
             manifest = _read_manifest(entry)
-        return _open(entry, manifest)
+        data = _open(entry, manifest)
+        data.built_now = built
+        return data

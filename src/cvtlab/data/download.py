@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -81,10 +82,15 @@ def download(
                     for block in iter(lambda: response.read(1 << 20), b""):
                         f.write(block)
                         bar.update(len(block))
-                except (OSError, urllib.error.URLError) as e:
+                except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
                     raise CvtLabError(
                         f"{url}: the transfer broke off ({e}); run the same command again to resume"
                     ) from None
+        got = part.stat().st_size
+        if total is not None and got < total:
+            raise CvtLabError(
+                f"{url}: the transfer broke off at {got} of {total} bytes; run the same command again to resume"
+            )
     if md5 is not None:
         got = md5sum(part)
         if got != md5:

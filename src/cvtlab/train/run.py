@@ -188,15 +188,19 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         raise CvtLabError(
             f"{e}; stopped, the last good checkpoint is {last} (try a lower --lr)"
         ) from None
+    # Testing restores the best checkpoint, callbacks included: keep the full history first.
+    rows = list(history.rows)
     best_path = out / "checkpoints" / "best.ckpt"
     test_ckpt = str(best_path) if best_path.is_file() else str(last)
     results = trainer.test(module, datamodule=dm, ckpt_path=test_ckpt, verbose=False)[0]
-    metrics = _summarise(cfg, history.rows, results, test_ckpt, trainer.world_size)
+    history.rows = rows
+    metrics = _summarise(cfg, rows, results, test_ckpt, trainer.world_size)
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         from .reporting import write_report
 
-        write_report(out, module, dm, history.rows)
+        history.write()
+        write_report(out, module, dm, rows)
     return metrics
 
 

@@ -1,0 +1,407 @@
+"""Datasets: Tiny ImageNet (real zip when present, generated otherwise), image folders, the
+decoded cache, augmentation and the data commands."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvtlab import CvtLabError
+from cvtlab.data.augment import AugmentConfig, BatchAugment, crop_flip
+from cvtlab.data.cache import load_index, open_decoded
+from cvtlab.data.datamodule import EpochShuffle, ImageDataModule
+from cvtlab.data.splits import plan_splits
+from cvtlab.data.synthetic import make_synthetic_tiny_imagenet, zip_folder
+
+from .conftest import run_cli
+
+
+# -- the real zip --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_decoded():
+    from .conftest import TINY_ZIP
+
+    if not TINY_ZIP.is_file():
+        pytest.skip(f"real Tiny ImageNet zip not found at {TINY_ZIP}")
+    return open_decoded(TINY_ZIP, 64)
+
+
+@pytest.mark.slow
+def test_real_zip_counts_grayscale_and_labels(tiny_decoded):
+    d = tiny_decoded
+    assert d.splits == {"train": 100_000, "val": 10_000, "test": 2_000}
+    assert d.manifest["grayscale"]["train"] == 1821
+    assert d.manifest["grayscale"]["val"] == 168
+    assert len(d.classes) == 200 and d.classes == sorted(d.classes)
+    assert d.images.shape[1:] == (64, 64, 3) and d.images.dtype == np.uint8
+    # Class index = position in sorted wnids; names come from words.txt.
+    train_files = d.files("train")
+    first = d.labels[: d.splits["train"]]
+    assert all(d.classes[label] in path for label, path in zip(first[::997], train_files[::997]))
+    assert d.class_names[d.classes.index("n01443537")] == "goldfish, Carassius auratus"
+    assert np.bincount(d.split("val")[1], minlength=200).tolist() == [50] * 200
+    assert (d.split("test")[1] == -1).all()
+    assert d.manifest["skipped"] == []
+
+
+@pytest.mark.slow
+def test_real_zip_val_labels_and_boxes_follow_the_annotations(tiny_zip):
+    index = load_index(tiny_zip)
+    with zipfile.ZipFile(tiny_zip) as zf:
+        line = zf.read("tiny-imagenet-200/val/val_annotations.txt").decode().splitlines()[0]
+    name, wnid, *box = line.split("\t")
+    label = dict(index.splits["val"])[f"val/images/{name}"]
+    assert index.classes[label] == wnid
+    assert index.boxes[f"val/images/{name}"] == tuple(int(v) for v in box)
+    assert len(index.boxes) == 110_000
+
+
+@pytest.mark.slow
+def test_real_zip_info_json(tiny_decoded):
+    r = run_cli("data", "info", str(tiny_decoded.manifest["source"]), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["classes"] == 200
+    assert info["splits"] == {"train": 100000, "val": 10000, "test": 2000}
+    assert info["grayscale"]["train"] == 1821
+    assert info["skipped"] == []
+
+
+@pytest.mark.slow
+def test_real_zip_splits_policy(tiny_decoded):
+    rows = plan_splits(tiny_decoded, val_per_class=10, seed=0)
+    assert len(rows["val"]) == 2000 and len(rows["train"]) == 98_000 and len(rows["test"]) == 10_000
+    assert np.bincount(tiny_decoded.labels[rows["val"]], minlength=200).tolist() == [10] * 200
+    assert not set(rows["val"]) & set(rows["train"])
+    assert (rows["test"] >= 100_000).all()  # the official val split, held out as test
+    again = plan_splits(tiny_decoded, val_per_class=10, seed=0)
+    assert np.array_equal(again["val"], rows["val"])
+    other = plan_splits(tiny_decoded, val_per_class=10, seed=1)
+    assert not np.array_equal(other["val"], rows["val"])
+
+
+# -- generated Tiny ImageNet: zip, folder, read-only -------------------------------------------
+def test_zip_and_folder_decode_to_the_same_pixels(shapes_small, tmp_path):
+    z = zip_folder(shapes_small, tmp_path / "shapes.zip")
+    a, b = open_decoded(shapes_small), open_decoded(z)
+    assert a.splits == b.splits == {"train": 600, "val": 100, "test": 8}
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert a.manifest["grayscale"]["train"] > 0  # the generator stores some as grayscale JPEG
+    assert a.class_names[0] == "disc"  # names from words.txt, classes by sorted wnid
+
+
+def test_read_only_dataset_folder_gets_nothing_written_beside_it(tmp_path):
+    src = make_synthetic_tiny_imagenet(
+        tmp_path / "ro", train_per_class=5, val_per_class=2, test_images=2
+    )
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for p in [src, *src.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        d = open_decoded(src)
+        assert d.splits == {"train": 50, "val": 20, "test": 2}
+    finally:
+        for p in [src, *src.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
+CACHE_PROBE = (
+    "from cvtlab.data.cache import open_decoded\n"
+    "import sys\n"
+    "d = open_decoded(sys.argv[1])\n"
+    "print(d.built_now, d.splits['train'])\n"
+)
+
+
+def test_cache_is_reused_across_processes_and_rebuilt_when_the_source_changes(tmp_path):
+    src = make_synthetic_tiny_imagenet(
+        tmp_path / "ds", train_per_class=6, val_per_class=2, test_images=1
+    )
+    env = {**os.environ, "CVTLAB_CACHE": str(tmp_path / "cache")}
+
+    def probe():
+        r = subprocess.run(
+            [sys.executable, "-c", CACHE_PROBE, str(src)], capture_output=True, text=True, env=env
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert probe() == ["True", "60"]
+    assert probe() == ["False", "60"]
+    extra = src / "train" / "n90000001" / "images" / "n90000001_99.JPEG"
+    shutil.copy(src / "train" / "n90000001" / "images" / "n90000001_0.JPEG", extra)
+    assert probe() == ["True", "61"]
+    assert probe() == ["False", "61"]
+
+
+def test_killed_build_leaves_nothing_a_later_run_trusts(tmp_path):
+    src = make_synthetic_tiny_imagenet(
+        tmp_path / "ds", train_per_class=150, val_per_class=5, test_images=1
+    )
+    cache = tmp_path / "cache"
+    env = {**os.environ, "CVTLAB_CACHE": str(cache)}
+    code = (
+        "import sys, cvtlab.data.cache as c, cvtlab.data.decode as d\n"
+        "real = c.decode_image\n"
+        "def slow(data, size):\n"
+        "    import time; time.sleep(0.002); return real(data, size)\n"
+        "c.decode_image = slow\n"
+        "c.open_decoded(sys.argv[1], workers=1)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(src)], env=env)
+    import time
+
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((cache / "decoded").glob("*.tmp-*")):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    entries = [p for p in (cache / "decoded").iterdir() if p.is_dir() and ".tmp-" not in p.name]
+    assert not any((p / "manifest.json").exists() for p in entries)
+    os.environ["CVTLAB_CACHE"], old = str(cache), os.environ["CVTLAB_CACHE"]
+    try:
+        d = open_decoded(src)
+    finally:
+        os.environ["CVTLAB_CACHE"] = old
+    assert d.built_now and d.splits["train"] == 1500
+    assert d.images[-1].any()  # the last image was really decoded
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def _jpeg(colour=(200, 10, 10), size=(64, 64), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour if mode == "RGB" else 128).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _folder(root, classes):
+    for cls, files in classes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (root / cls / name).write_bytes(data)
+    return root
+
+
+def test_broken_images_are_skipped_with_their_names_and_reasons(tmp_path):
+    good = {f"{i}.jpg": _jpeg() for i in range(4)}
+    root = _folder(
+        tmp_path / "f",
+        {
+            "cats": {
+                **good,
+                "truncated.jpg": _jpeg()[:300],
+                "empty.jpg": b"",
+                "notes.txt": b"hello",
+            },
+            "dogs": {**good, "fake.png": b"not a png at all"},
+        },
+    )
+    d = open_decoded(root)
+    assert d.splits == {"all": 8}
+    reasons = {os.path.basename(s["file"]): s["reason"] for s in d.manifest["skipped"]}
+    assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.txt", "fake.png"}
+    assert reasons["empty.jpg"] == "empty file" and reasons["notes.txt"] == "not an image"
+    assert "corrupt or truncated" in reasons["truncated.jpg"]
+    assert all(str(root) in s["file"] for s in d.manifest["skipped"])
+    assert (d.images.reshape(8, -1).max(axis=1) > 0).all()  # every kept row is a real image
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = _folder(tmp_path / "f", {"cats": {"a.jpg": _jpeg()}, "dogs": {}})
+    with pytest.raises(CvtLabError, match=r"dogs: class folder holds no images"):
+        load_index(root)
+
+
+def test_zip_that_is_not_a_dataset(tmp_path):
+    z = tmp_path / "random.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("readme.txt", "nothing here")
+    with pytest.raises(CvtLabError, match="no class folders found"):
+        load_index(z)
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK but not really")
+    with pytest.raises(CvtLabError, match="bad.zip: not a readable zip"):
+        load_index(bad)
+
+
+def test_missing_val_annotations_and_unknown_wnid(tmp_path):
+    src = make_synthetic_tiny_imagenet(
+        tmp_path / "t", train_per_class=2, val_per_class=1, test_images=0
+    )
+    ann = src / "val" / "val_annotations.txt"
+    text = ann.read_text()
+    ann.unlink()
+    with pytest.raises(CvtLabError, match=r"val_annotations.txt: missing"):
+        load_index(src)
+    ann.write_text(text + "val_0.JPEG\tn99999999\t0\t0\t1\t1\n")
+    with pytest.raises(
+        CvtLabError,
+        match=rf"val_annotations.txt:{text.count(chr(10)) + 1}: unknown wnid 'n99999999'",
+    ):
+        load_index(src)
+
+
+def test_cli_data_errors_are_one_line(tmp_path):
+    r = run_cli("data", "info", str(tmp_path / "absent.zip"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "absent.zip" in r.stderr
+
+
+# -- image folders ----------------------------------------------------------------------------
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_any_mode_and_size_becomes_rgb_at_the_input_size(tmp_path):
+    modes = {
+        "l.PNG": _png(Image.new("L", (90, 50), 100)),
+        "la.png": _png(Image.new("LA", (30, 30), (100, 0))),  # fully transparent → white
+        "p.bmp": (lambda b: (Image.new("P", (40, 80), 3).save(b, "BMP"), b.getvalue())[1])(
+            io.BytesIO()
+        ),
+        "rgba.webp": (
+            lambda b: (Image.new("RGBA", (70, 70), (0, 0, 255, 255)).save(b, "WEBP"), b.getvalue())[
+                1
+            ]
+        )(io.BytesIO()),
+        "cmyk.JPEG": (
+            lambda b: (Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(b, "JPEG"), b.getvalue())[
+                1
+            ]
+        )(io.BytesIO()),
+        "i16.png": _png(Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))),
+    }
+    root = _folder(tmp_path / "f", {"a": modes, "b": {"x.jpg": _jpeg(size=(300, 200))}})
+    d = open_decoded(root, 48)
+    assert d.images.shape == (7, 48, 48, 3) and d.manifest["skipped"] == []
+    files = d.files("all")
+    la = d.images[files.index("a/la.png")]
+    assert (la == 255).all()
+    cmyk = d.images[files.index("a/cmyk.JPEG")]
+    assert cmyk[..., 0].mean() > 200 and cmyk[..., 1].mean() < 60  # CMYK (0,255,255,0) is red
+    assert d.manifest["modes"]["L"] == 1 and d.manifest["grayscale"]["all"] >= 3
+
+
+def test_folder_with_split_subfolders_and_stratified_split_without(tmp_path):
+    jpg = _jpeg()
+    split_root = tmp_path / "s"
+    for split, n in (("train", 30), ("val", 5), ("test", 4)):
+        for cls in ("a", "b", "c"):
+            _folder(split_root / split, {cls: {f"{i}.jpg": jpg for i in range(n)}})
+    d = open_decoded(split_root)
+    assert d.splits == {"train": 90, "val": 15, "test": 12}
+    rows = plan_splits(d, 10, 0)
+    assert {k: len(v) for k, v in rows.items()} == {"train": 90, "val": 15, "test": 12}
+
+    flat = tmp_path / "flat"
+    _folder(flat, {cls: {f"{i}.jpg": jpg for i in range(50)} for cls in ("a", "b", "c")})
+    d = open_decoded(flat)
+    rows = plan_splits(d, 5, seed=3)
+    assert np.bincount(d.labels[rows["val"]]).tolist() == [5, 5, 5]
+    assert np.bincount(d.labels[rows["test"]]).tolist() == [10, 10, 10]
+    assert len(set(rows["train"]) | set(rows["val"]) | set(rows["test"])) == 150
+
+
+# -- augmentation and loading --------------------------------------------------------------
+def test_crop_flip_is_a_per_sample_shift_and_mirror():
+    x = torch.arange(2 * 8 * 8 * 3, dtype=torch.int32).reshape(2, 8, 8, 3)
+    assert torch.equal(crop_flip(x, 0, False), x)
+    torch.manual_seed(0)
+    flipped = [crop_flip(x, 0, True) for _ in range(20)]
+    for out in flipped:
+        for i in range(2):
+            assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(1))
+    assert any(not torch.equal(o[0], x[0]) for o in flipped) and any(
+        torch.equal(o[0], x[0]) for o in flipped
+    )
+    shifted = crop_flip(x, 2, False)
+    assert shifted.shape == x.shape and shifted.dtype == x.dtype
+
+    def reflect(i):
+        i = abs(i)
+        return 2 * 7 - i if i > 7 else i
+
+    # Each sample is the input shifted by one (dy, dx) in [-2, 2]², reflected at the border.
+    for i in range(2):
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if all(
+                torch.equal(shifted[i, r, c], x[i, reflect(r + dy), reflect(c + dx)])
+                for r in range(8)
+                for c in range(8)
+            )
+        ]
+        assert len(matches) == 1
+
+
+def test_batch_augment_outputs_normalised_floats_and_soft_targets():
+    x = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8)
+    y = torch.randint(0, 10, (16,))
+    images, targets = BatchAugment(AugmentConfig(), 10)(x, y)
+    assert images.shape == (16, 3, 64, 64) and images.dtype == torch.float32
+    assert targets.shape == (16, 10)
+    torch.testing.assert_close(targets.sum(1), torch.ones(16))
+    plain, hard = BatchAugment(
+        AugmentConfig(
+            auto_augment=None,
+            mixup=0,
+            cutmix=0,
+            random_erase=0,
+            label_smoothing=0,
+            crop="none",
+            flip=False,
+        ),
+        10,
+    )(x, y)
+    assert torch.equal(hard, y)
+    assert abs(plain.mean().item()) < 1.0
+
+
+def test_epoch_shuffle_resumes_mid_epoch_and_shards_ranks():
+    full = list(EpochShuffle(100, seed=3))
+    s = EpochShuffle(100, seed=3)
+    s.resume(0, 40)
+    assert list(s) == full[40:]
+    s.set_epoch(1)
+    assert sorted(s) == list(range(100)) and list(s) != full
+    ranks = [list(EpochShuffle(101, 3, r, 2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 51 and set(ranks[0]) | set(ranks[1]) == set(range(101))
+
+
+def test_datamodule_batches_are_uint8_and_deterministic(shapes_small):
+    dm = ImageDataModule(shapes_small, batch_size=32, seed=1)
+    dm.setup()
+    images, labels = next(iter(dm.train_dataloader()))
+    assert (
+        images.shape == (32, 64, 64, 3)
+        and images.dtype == torch.uint8
+        and labels.dtype == torch.int64
+    )
+    dm2 = ImageDataModule(shapes_small, batch_size=32, seed=1)
+    dm2.setup()
+    again, _ = next(iter(dm2.train_dataloader()))
+    assert torch.equal(images, again)
+    with pytest.raises(CvtLabError, match="larger than the 500 training images"):
+        bad = ImageDataModule(shapes_small, batch_size=501)
+        bad.setup()
+
+
+def test_data_show_writes_a_png(shapes_small, tmp_path):
+    out = tmp_path / "grid.png"
+    r = run_cli("data", "show", str(shapes_small), "--n", "8", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    img = Image.open(out)
+    assert img.format == "PNG" and img.size[0] > 400
