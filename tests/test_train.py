@@ -1,0 +1,234 @@
+"""The workflow end to end: train → eval → predict → export, kill and resume, DDP, bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import cvtlab
+
+from .conftest import run_cli
+
+FAST = ["--model", "cvt_seed", "--batch-size", "50", "--accelerator", "cpu", "--devices", "1", "--logger", "csv"]
+
+
+def recipe(tmp_path, **extra):
+    data = {
+        "lr": 8.0e-3,
+        "warmup_epochs": 0.5,
+        "ckpt_every_n_steps": 4,
+        "augment": {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "random_erase": 0.0},
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_small, tmp_path_factory):
+    """One short real run shared by the eval/predict/export tests."""
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "run"
+    r = run_cli("train", "--config", recipe(tmp), "--data", str(shapes_small), "--epochs", "3",
+                "--out", str(out), *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_run_folder_layout_and_metrics(trained):
+    out, r = trained
+    for rel in ["config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv",
+                "metrics.json", "report/curves.png", "report/test_predictions.png",
+                "report/confused_pairs.png", "report/per_class_accuracy.json"]:
+        assert (out / rel).is_file(), rel
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("val_top1", "val_top5", "test_top1", "test_top5"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["epochs"] == 3 and m["steps"] == 30 and m["train_images_per_second"] > 0
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("epoch,step,lr")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"] == "cvt_seed" and saved["epochs"] == 3 and saved["lr"] == 8.0e-3
+    assert "test top-1" in r.stdout
+
+
+def test_eval_reproduces_the_runs_test_top1(trained):
+    out, _ = trained
+    m = json.loads((out / "metrics.json").read_text())
+    r = run_cli("eval", "--checkpoint", str(out / "checkpoints" / "best.ckpt"), "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    e = json.loads(r.stdout)
+    assert e["n"] == 100 and e["split"] == "test"
+    assert e["top1"] == m["test_top1"] and e["top5"] == m["test_top5"]
+    assert len(e["per_class"]) == 10 and all(0 <= v <= 1 for v in e["per_class"].values())
+
+
+def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path):
+    out, _ = trained
+    odd = tmp_path / "odd.png"
+    Image.new("RGBA", (100, 37), (200, 30, 30, 128)).save(odd)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really")
+    sample = shapes_small / "test" / "images" / "test_0.JPEG"
+    r = run_cli("predict", "--checkpoint", str(out / "checkpoints" / "best.ckpt"), str(sample), str(odd),
+                str(broken), "--topk", "3", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    assert [len(x.get("predictions", [])) for x in results] == [3, 3, 0]
+    names = {"disc", "square", "triangle", "ring", "cross", "horizontal stripes", "vertical stripes",
+             "checkerboard", "polka dots", "diagonal stripes"}
+    for res in results[:2]:
+        probs = [p["probability"] for p in res["predictions"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+        assert {p["class"] for p in res["predictions"]} <= names
+    assert "broken.jpg" in results[2]["error"]
+    assert "1 of 3 images could not be read" in r.stderr
+
+
+def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
+    out, _ = trained
+    ckpt = out / "checkpoints" / "best.ckpt"
+    r = run_cli("export", "--checkpoint", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 0, r.stderr
+    from cvtlab.inference import load_predictor
+
+    reference = load_predictor(ckpt).model
+    exported = cvtlab.from_pretrained(tmp_path / "m.safetensors").eval()
+    assert exported.class_names[0] == "disc"
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            want = reference(x)
+            assert torch.equal(exported(x), want)
+        got = session.run(None, {"images": x.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() <= 1e-4
+
+
+def _step_of(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+    except Exception:
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(shapes_small, tmp_path):
+    config = recipe(tmp_path, ckpt_every_n_steps=3)
+    common = ["--config", config, "--data", str(shapes_small), "--epochs", "3", "--seed", "7", *FAST]
+    full = tmp_path / "full"
+    r = run_cli("train", *common, "--out", str(full))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "cvtlab.cli", "train", *common, "--out", str(cut)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = cut / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    step = -1
+    while time.time() < deadline and proc.poll() is None:
+        step = _step_of(last) if last.exists() else -1
+        if step >= 15:  # mid second epoch (10 steps per epoch)
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 15 <= step < 30 and step % 10 != 0, step
+    assert _step_of(last) == step  # the checkpoint survived the kill intact
+
+    r = run_cli("train", "--resume", "--out", str(cut))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((cut / "metrics.json").read_text())
+    assert b["steps"] == a["steps"] == 30
+    assert abs(a["test_top1"] - b["test_top1"]) <= 0.005
+    assert len((cut / "metrics.csv").read_text().strip().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(shapes_small, tmp_path):
+    base = ["--config", recipe(tmp_path), "--data", str(shapes_small), "--epochs", "3", "--model", "cvt_seed",
+            "--accelerator", "cpu", "--logger", "csv"]
+    one = tmp_path / "one"
+    r = run_cli("train", *base, "--batch-size", "50", "--devices", "1", "--out", str(one))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    r = run_cli("train", *base, "--batch-size", "25", "--devices", "2", "--strategy", "ddp", "--out", str(two))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rel in ["config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv", "metrics.json",
+                "report/curves.png"]:
+        assert (two / rel).is_file(), rel
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2["processes"] == 2 and m2["steps"] == m1["steps"] == 30
+    # Synced metrics: the two processes' test top-1 is the whole test set's, as one process sees it.
+    r = run_cli("eval", "--checkpoint", str(two / "checkpoints" / "best.ckpt"), "--format", "json")
+    assert json.loads(r.stdout)["top1"] == m2["test_top1"]
+    assert abs(m1["test_top1"] - m2["test_top1"]) <= 0.15
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
+    r = run_cli("demo", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    latest = json.loads((tmp_path / "demo" / "latest.json").read_text())
+    assert latest["test_top1"] >= 0.4  # 10 classes: chance is 0.1
+    run = tmp_path / "demo" / latest["run"].rsplit("/", 1)[-1]
+    assert (run / "report" / "test_predictions.png").is_file()
+    assert "predictions on unlabelled test images" in r.stdout and "run folder" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+        (["--lr", "0"], ["--lr must be positive"]),
+        (["--lr", "-1"], ["--lr must be positive"]),
+        (["--batch-size", "100000"], ["--batch-size 100000", "500 training images"]),
+        (["--model", "cvt_31"], ["unknown model 'cvt_31'"]),
+    ],
+)
+def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
+    r = run_cli("train", "--data", str(shapes_small), "--out", str(tmp_path / "o"), "--epochs", "1", *args)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_recipe_with_unknown_key_and_occupied_output(trained, shapes_small, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    r = run_cli("train", "--config", str(bad), "--data", str(shapes_small), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "unknown key(s) learning_rate" in r.stderr
+    out, _ = trained
+    r = run_cli("train", "--data", str(shapes_small), "--out", str(out), "--epochs", "1", *FAST)
+    assert r.returncode == 2 and "holds another run" in r.stderr and "--resume" in r.stderr
+
+
+def test_checkpoint_of_another_architecture(trained, shapes_small, tmp_path):
+    out, _ = trained
+    r = run_cli("train", "--data", str(shapes_small), "--out", str(tmp_path / "o"), "--epochs", "1",
+                "--pretrained", str(out / "checkpoints" / "best.ckpt"), *FAST[:-6], "--model", "cvt_xs_64")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "best.ckpt" in r.stderr
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shapes_small, tmp_path):
+    out = tmp_path / "nan"
+    r = run_cli("train", "--config", recipe(tmp_path, ckpt_every_n_steps=1, grad_clip=None, warmup_epochs=0),
+                "--data", str(shapes_small), "--out", str(out), "--epochs", "2", "--lr", "1e30", *FAST)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "training loss became" in r.stderr and "last good checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (out / "checkpoints" / "last.ckpt").is_file()
