@@ -17,7 +17,18 @@ import cvtlab
 
 from .conftest import run_cli
 
-FAST = ["--model", "cvt_seed", "--batch-size", "50", "--accelerator", "cpu", "--devices", "1", "--logger", "csv"]
+FAST = [
+    "--model",
+    "cvt_seed",
+    "--batch-size",
+    "50",
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--logger",
+    "csv",
+]
 
 
 def recipe(tmp_path, **extra):
@@ -38,17 +49,35 @@ def trained(shapes_small, tmp_path_factory):
     """One short real run shared by the eval/predict/export tests."""
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "run"
-    r = run_cli("train", "--config", recipe(tmp), "--data", str(shapes_small), "--epochs", "3",
-                "--out", str(out), *FAST)
+    r = run_cli(
+        "train",
+        "--config",
+        recipe(tmp),
+        "--data",
+        str(shapes_small),
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+        *FAST,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
 
 def test_run_folder_layout_and_metrics(trained):
     out, r = trained
-    for rel in ["config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv",
-                "metrics.json", "report/curves.png", "report/test_predictions.png",
-                "report/confused_pairs.png", "report/per_class_accuracy.json"]:
+    for rel in [
+        "config.yaml",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "metrics.csv",
+        "metrics.json",
+        "report/curves.png",
+        "report/test_predictions.png",
+        "report/confused_pairs.png",
+        "report/per_class_accuracy.json",
+    ]:
         assert (out / rel).is_file(), rel
     m = json.loads((out / "metrics.json").read_text())
     for key in ("val_top1", "val_top5", "test_top1", "test_top5"):
@@ -79,13 +108,33 @@ def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really")
     sample = shapes_small / "test" / "images" / "test_0.JPEG"
-    r = run_cli("predict", "--checkpoint", str(out / "checkpoints" / "best.ckpt"), str(sample), str(odd),
-                str(broken), "--topk", "3", "--format", "json")
+    r = run_cli(
+        "predict",
+        "--checkpoint",
+        str(out / "checkpoints" / "best.ckpt"),
+        str(sample),
+        str(odd),
+        str(broken),
+        "--topk",
+        "3",
+        "--format",
+        "json",
+    )
     assert r.returncode == 0, r.stderr
     results = json.loads(r.stdout)
     assert [len(x.get("predictions", [])) for x in results] == [3, 3, 0]
-    names = {"disc", "square", "triangle", "ring", "cross", "horizontal stripes", "vertical stripes",
-             "checkerboard", "polka dots", "diagonal stripes"}
+    names = {
+        "disc",
+        "square",
+        "triangle",
+        "ring",
+        "cross",
+        "horizontal stripes",
+        "vertical stripes",
+        "checkerboard",
+        "polka dots",
+        "diagonal stripes",
+    }
     for res in results[:2]:
         probs = [p["probability"] for p in res["predictions"]]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
@@ -97,9 +146,19 @@ def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path
 def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
     out, _ = trained
     ckpt = out / "checkpoints" / "best.ckpt"
-    r = run_cli("export", "--checkpoint", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors"))
+    r = run_cli(
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--format",
+        "safetensors",
+        "--out",
+        str(tmp_path / "m.safetensors"),
+    )
     assert r.returncode == 0, r.stderr
-    r = run_cli("export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    r = run_cli(
+        "export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")
+    )
     assert r.returncode == 0, r.stderr
     from cvtlab.inference import load_predictor
 
@@ -126,7 +185,17 @@ def _step_of(path):
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(shapes_small, tmp_path):
     config = recipe(tmp_path, ckpt_every_n_steps=3)
-    common = ["--config", config, "--data", str(shapes_small), "--epochs", "3", "--seed", "7", *FAST]
+    common = [
+        "--config",
+        config,
+        "--data",
+        str(shapes_small),
+        "--epochs",
+        "3",
+        "--seed",
+        "7",
+        *FAST,
+    ]
     full = tmp_path / "full"
     r = run_cli("train", *common, "--out", str(full))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -158,16 +227,45 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(shapes_small
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(shapes_small, tmp_path):
-    base = ["--config", recipe(tmp_path), "--data", str(shapes_small), "--epochs", "3", "--model", "cvt_seed",
-            "--accelerator", "cpu", "--logger", "csv"]
+    base = [
+        "--config",
+        recipe(tmp_path),
+        "--data",
+        str(shapes_small),
+        "--epochs",
+        "3",
+        "--model",
+        "cvt_seed",
+        "--accelerator",
+        "cpu",
+        "--logger",
+        "csv",
+    ]
     one = tmp_path / "one"
     r = run_cli("train", *base, "--batch-size", "50", "--devices", "1", "--out", str(one))
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
-    r = run_cli("train", *base, "--batch-size", "25", "--devices", "2", "--strategy", "ddp", "--out", str(two))
+    r = run_cli(
+        "train",
+        *base,
+        "--batch-size",
+        "25",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--out",
+        str(two),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    for rel in ["config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.csv", "metrics.json",
-                "report/curves.png"]:
+    for rel in [
+        "config.yaml",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "metrics.csv",
+        "metrics.json",
+        "report/curves.png",
+    ]:
         assert (two / rel).is_file(), rel
     m1 = json.loads((one / "metrics.json").read_text())
     m2 = json.loads((two / "metrics.json").read_text())
@@ -200,7 +298,9 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
     ],
 )
 def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
-    r = run_cli("train", "--data", str(shapes_small), "--out", str(tmp_path / "o"), "--epochs", "1", *args)
+    r = run_cli(
+        "train", "--data", str(shapes_small), "--out", str(tmp_path / "o"), "--epochs", "1", *args
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
     assert all(w in r.stderr for w in words), r.stderr
@@ -209,7 +309,9 @@ def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
 def test_recipe_with_unknown_key_and_occupied_output(trained, shapes_small, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 1\nlearning_rate: 0.1\n")
-    r = run_cli("train", "--config", str(bad), "--data", str(shapes_small), "--out", str(tmp_path / "o"))
+    r = run_cli(
+        "train", "--config", str(bad), "--data", str(shapes_small), "--out", str(tmp_path / "o")
+    )
     assert r.returncode == 2 and "unknown key(s) learning_rate" in r.stderr
     out, _ = trained
     r = run_cli("train", "--data", str(shapes_small), "--out", str(out), "--epochs", "1", *FAST)
@@ -218,16 +320,40 @@ def test_recipe_with_unknown_key_and_occupied_output(trained, shapes_small, tmp_
 
 def test_checkpoint_of_another_architecture(trained, shapes_small, tmp_path):
     out, _ = trained
-    r = run_cli("train", "--data", str(shapes_small), "--out", str(tmp_path / "o"), "--epochs", "1",
-                "--pretrained", str(out / "checkpoints" / "best.ckpt"), *FAST[:-6], "--model", "cvt_xs_64")
+    r = run_cli(
+        "train",
+        "--data",
+        str(shapes_small),
+        "--out",
+        str(tmp_path / "o"),
+        "--epochs",
+        "1",
+        "--pretrained",
+        str(out / "checkpoints" / "best.ckpt"),
+        *FAST[:-6],
+        "--model",
+        "cvt_xs_64",
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "best.ckpt" in r.stderr
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shapes_small, tmp_path):
     out = tmp_path / "nan"
-    r = run_cli("train", "--config", recipe(tmp_path, ckpt_every_n_steps=1, grad_clip=None, warmup_epochs=0),
-                "--data", str(shapes_small), "--out", str(out), "--epochs", "2", "--lr", "1e30", *FAST)
+    r = run_cli(
+        "train",
+        "--config",
+        recipe(tmp_path, ckpt_every_n_steps=1, grad_clip=None, warmup_epochs=0),
+        "--data",
+        str(shapes_small),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e30",
+        *FAST,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "training loss became" in r.stderr and "last good checkpoint" in r.stderr
     assert "Traceback" not in r.stderr

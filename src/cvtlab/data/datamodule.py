@@ -153,6 +153,9 @@ class ImageDataModule(L.LightningDataModule):
             sampler=sampler,
             drop_last=drop_last,
             collate_fn=_keep_batch,
+            # Its own generator: creating an epoch's iterator must not draw from the global RNG,
+            # or a resumed run's dropout and augmentation would drift from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

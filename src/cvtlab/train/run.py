@@ -131,7 +131,13 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     returns the metrics."""
     _quiet_lightning()
     out = Path(cfg.out)
-    _check_out(cfg, out)
+    # Lightning re-runs this command for the other DDP processes (and the user starts it on
+    # every node); only the first process of the whole run checks and claims the folder.
+    first = (
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
+    if first:
+        _check_out(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     img_size = cfg.img_size or get_config(cfg.model).img_size
@@ -148,7 +154,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     dm.setup()
     history = EpochHistory(out / "metrics.csv")
     trainer = build_trainer(cfg, out, history, extra_callbacks)
-    if trainer.is_global_zero and not cfg.resume:
+    if first and not cfg.resume:
         save_config(cfg, out / "config.yaml")
 
     steps_per_epoch = len(dm.rows["train"]) // (cfg.batch_size * trainer.world_size)
