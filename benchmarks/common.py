@@ -1,0 +1,64 @@
+"""Helpers shared by the benchmarks: machine description, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+TINY_ZIP = REPO.parent / "shared" / "data" / "tiny-imagenet-200.zip"
+
+
+def machine() -> dict:
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_tag() -> str:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0).lower()
+        return "gpu-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def timed(fn, sync=None) -> float:
+    if sync:
+        sync()
+    t = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{machine_tag()}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    return path
