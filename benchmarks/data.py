@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -69,7 +68,9 @@ def main(argv=None) -> dict:
     if args.data is None:
         from cvtlab.data.synthetic import make_synthetic_tiny_imagenet
 
-        args.data = str(make_synthetic_tiny_imagenet(Path(tempfile.mkdtemp()) / "shapes", train_per_class=80))
+        args.data = str(
+            make_synthetic_tiny_imagenet(Path(tempfile.mkdtemp()) / "shapes", train_per_class=80)
+        )
     dm = ImageDataModule(args.data, batch_size=args.batch_size)
     dm.setup()  # builds or reuses the decoded cache (not timed here)
     crop = lambda x, y: crop_flip(x, 4, True)  # noqa: E731
@@ -83,9 +84,16 @@ def main(argv=None) -> dict:
     print(f"{'pipeline':<24} {'images/s':>10}")
     for k, v in results.items():
         print(f"{k:<24} {v:>10.0f}")
-    print(f"cache + crop/flip is {results['b_cache_crop_flip'] / results['a_decode_zip_pil']:.1f}× decoding")
+    print(
+        f"cache + crop/flip is {results['b_cache_crop_flip'] / results['a_decode_zip_pil']:.1f}× decoding"
+    )
     if not args.no_write:
-        print(write_result("data", {"data": args.data, "batch_size": args.batch_size, "images_per_second": results}))
+        print(
+            write_result(
+                "data",
+                {"data": args.data, "batch_size": args.batch_size, "images_per_second": results},
+            )
+        )
     return results
 
 

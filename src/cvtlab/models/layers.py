@@ -61,6 +61,26 @@ class ConvProjection(nn.Sequential):
         self.bn = nn.BatchNorm2d(dim)
 
 
+class _fp32_on_cpu:
+    """Inside CPU autocast, run the enclosed ops in fp32 (yields whether it did)."""
+
+    def __init__(self, x: torch.Tensor):
+        # Inference keeps bf16 throughout: there the forward kernels are fast.
+        self.active = (
+            x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+        )
+        self._ctx = torch.autocast("cpu", enabled=False) if self.active else None
+
+    def __enter__(self) -> bool:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+        return self.active
+
+    def __exit__(self, *exc) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
 class ConvAttention(nn.Module):
     """Multi-head self-attention whose queries, keys and values first pass a depthwise conv
     projection; keys and values with stride ``stride_kv`` (fewer tokens, cheaper attention).
@@ -105,18 +125,24 @@ class ConvAttention(nn.Module):
         if self.with_cls_token:
             cls_token, x = x[:, :1], x[:, 1:]
         grid = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        q, k, v = (
-            proj(grid).flatten(2).transpose(1, 2)
-            for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
-        )
+        # On CPUs, bf16 depthwise-conv and attention backward kernels are many times slower
+        # than fp32 ones, so under CPU autocast only the matrix products run in bf16.
+        with _fp32_on_cpu(x):
+            q, k, v = (
+                proj(grid.float()).flatten(2).transpose(1, 2)
+                for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
+            )
         if self.with_cls_token:
-            q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
+            q, k, v = (torch.cat((cls_token.to(t.dtype), t), dim=1) for t in (q, k, v))
         q, k, v = (
             rearrange(lin(t), "b n (h d) -> b h n d", h=self.num_heads)
             for lin, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
         )
         drop = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        with _fp32_on_cpu(x) as fp32:
+            if fp32:
+                q, k, v = q.float(), k.float(), v.float()
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     logger: str = "csv"
     ckpt_every_n_steps: int = 200
     max_minutes: float | None = None  # wall-clock budget for training (time-to-accuracy runs)
+    limit_train_batches: int | None = None  # train on only this many batches per epoch (smoke runs)
     resume: bool = False
 
     def __post_init__(self) -> None:

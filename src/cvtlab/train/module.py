@@ -130,6 +130,12 @@ class CvTClassifier(L.LightningModule):
         self.train_top1.update(logits.detach(), labels)
         self._seen += len(x)
         self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        elapsed = time.perf_counter() - (self._clock or time.perf_counter())
+        if elapsed > 0:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log(
+                "img_s", self._seen * world / elapsed, prog_bar=True, on_step=True, on_epoch=False
+            )
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

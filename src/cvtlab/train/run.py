@@ -109,6 +109,7 @@ def build_trainer(
     return L.Trainer(
         max_epochs=cfg.epochs,
         max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+        limit_train_batches=cfg.limit_train_batches,
         accelerator=cfg.accelerator,
         devices=devices,
         num_nodes=cfg.num_nodes,
@@ -158,6 +159,8 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         save_config(cfg, out / "config.yaml")
 
     steps_per_epoch = len(dm.rows["train"]) // (cfg.batch_size * trainer.world_size)
+    if cfg.limit_train_batches:
+        steps_per_epoch = min(steps_per_epoch, cfg.limit_train_batches)
     if steps_per_epoch < 1:
         raise CvtLabError(
             f"--batch-size {cfg.batch_size} × {trainer.world_size} processes is larger than the "

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU session in one script: throughput first, then time-to-accuracy. Each step ends well
+# inside 10 minutes and writes its results to $OUT (default benchmarks/results/gpu).
+#
+# The dataset: ../shared/data/tiny-imagenet-200.zip when it is there; otherwise the zip staged
+# in parts as .stage/tiny-imagenet-200.zip.part* (ignored by git; `split -n 4` of the zip, sent
+# one part per call); otherwise time-to-accuracy is skipped and only throughput is measured.
+# Optional wheels (vit-pytorch) travel in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 CVTLAB_CACHE=${CVTLAB_CACHE:-/tmp/cvtlab-cache}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+SHA=722886dd4352b40d7d1500d9f24f26a0ad63592ab7c5d731ebed384f9f13cf60
+DATA=""
+if [ -f ../shared/data/tiny-imagenet-200.zip ]; then
+  DATA=../shared/data/tiny-imagenet-200.zip
+elif ls .stage/tiny-imagenet-200.zip.part* >/dev/null 2>&1; then
+  cat .stage/tiny-imagenet-200.zip.part* > /tmp/tiny-imagenet-200.zip
+  if echo "$SHA  /tmp/tiny-imagenet-200.zip" | sha256sum -c --quiet; then DATA=/tmp/tiny-imagenet-200.zip
+  else echo "staged parts are incomplete: time-to-accuracy skipped"; fi
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
+  timeout "${THROUGHPUT_TIMEOUT:-240}" python3 benchmarks/throughput.py --device cuda --batch-scale 4 --repeats 3 --memory 2>&1 \
+    | grep -v Warning | tee "$OUT/throughput.log"
+  cp benchmarks/results/throughput-gpu-*.json "$OUT/" 2>/dev/null
+fi
+if [ -n "$DATA" ]; then
+  timeout "${TTA_TIMEOUT:-540}" python3 benchmarks/tta.py --config tiny_imagenet_scratch --data "$DATA" \
+    --minutes "${TTA_MINUTES:-7}" --fit-epochs --out /tmp/tta 2>&1 | grep -vE "Warning|it/s\]" | tail -40 | tee "$OUT/tta.log"
+  cp benchmarks/results/tta-*-gpu-*.json "$OUT/" 2>/dev/null
+  cp /tmp/tta/run/metrics.csv "$OUT/tta-metrics.csv" 2>/dev/null
+fi
+ls -la "$OUT"

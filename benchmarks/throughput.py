@@ -1,0 +1,332 @@
+"""Training-step and inference throughput of cvtlab's CvT against its peers at the same
+architecture: Hugging Face ``transformers`` (CvtForImageClassification) and lucidrains'
+``vit-pytorch`` (vit_pytorch.cvt.CvT).
+
+    python benchmarks/throughput.py                # CPU, every model, writes results/throughput-<machine>.json
+    python benchmarks/throughput.py --device cuda  # on a GPU
+    python benchmarks/throughput.py --quick        # smoke test: tiny batch, one repeat
+
+One process; every implementation is warmed up first, then timed interleaved (round-robin over
+implementations, repeated), and the median is reported. A training step is forward, backward
+and an AdamW step; inference is a forward pass under ``inference_mode``. GFLOP/s count 2 FLOPs
+per multiply-accumulate (cvtlab's layer table, attention included; a training step ≈ 3×
+forward) and are shown as a share of the matrix-multiply rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, timed, write_result  # noqa: E402
+
+import cvtlab  # noqa: E402
+from cvtlab.summary import summarize  # noqa: E402
+
+
+@dataclass
+class Case:
+    key: str
+    model: str
+    img_size: int
+    batch: int
+    overrides: dict
+
+
+CASES = [
+    Case("cvt_seed@64", "cvt_seed", 64, 128, {}),
+    Case("cvt_13@64", "cvt_13", 64, 128, {}),
+    Case("cvt_xs_64@64", "cvt_xs_64", 64, 128, {}),
+    Case("cvt_13@224", "cvt_13", 224, 16, {}),
+]
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    a @ b
+    times = [timed(lambda: a @ b, sync) for _ in range(reps)]
+    return 2 * n**3 / median(times) / 1e9
+
+
+def hf_model(cfg, num_classes: int):
+    from transformers import CvtConfig, CvtForImageClassification
+
+    n = len(cfg.dims)
+    hf = CvtForImageClassification(
+        CvtConfig(
+            num_labels=num_classes,
+            embed_dim=list(cfg.dims),
+            depth=list(cfg.depths),
+            num_heads=list(cfg.heads),
+            patch_sizes=list(cfg.patch_sizes),
+            patch_stride=list(cfg.patch_strides),
+            patch_padding=list(cfg.patch_paddings),
+            stride_kv=list(cfg.stride_kv),
+            mlp_ratio=list(cfg.mlp_ratios),
+            drop_path_rate=[0.0] * n,
+            cls_token=[False] * (n - 1) + [cfg.cls_token],
+        )
+    )
+    return lambda x: hf(x).logits, hf
+
+
+def vit_pytorch_model(cfg, num_classes: int):
+    from vit_pytorch.cvt import CvT
+
+    # vit-pytorch's CvT: same stage widths, depths, heads, embedding kernels/strides and kv
+    # stride; it differs in details it cannot express (qkv by depthwise+pointwise conv, no
+    # class token, 64-wide heads), so it is the closest, not an identical, network.
+    kw = {"num_classes": num_classes}
+    for i, s in enumerate(("s1", "s2", "s3")):
+        kw.update(
+            {
+                f"{s}_emb_dim": cfg.dims[i],
+                f"{s}_emb_kernel": cfg.patch_sizes[i],
+                f"{s}_emb_stride": cfg.patch_strides[i],
+                f"{s}_heads": cfg.heads[i],
+                f"{s}_depth": cfg.depths[i],
+                f"{s}_kv_proj_stride": cfg.stride_kv[i],
+                f"{s}_mlp_mult": int(cfg.mlp_ratios[i]),
+            }
+        )
+    m = CvT(**kw)
+    return m, m
+
+
+def build(impl: str, case: Case, device: str):
+    """(callable, module, autocast dtype or None, note)"""
+    if impl.startswith("cvtlab"):
+        # act_layer="gelu": the peers use exact GELU, so the comparison is the same network.
+        over = dict(case.overrides)
+        if case.model != "cvt_seed":
+            over["act_layer"] = "gelu"
+        m = cvtlab.create_model(case.model, num_classes=200, img_size=case.img_size, **over)
+        m = m.to(device)
+        amp = torch.bfloat16 if impl == "cvtlab-bf16" else None
+        return m, m, amp, ""
+    cfg = cvtlab.models.get_config(case.model, num_classes=200, img_size=case.img_size)
+    if case.model == "cvt_seed":
+        raise NotImplementedError(
+            "cannot express the seed notebook's block (shared conv projection, nn.MultiheadAttention)"
+        )
+    if impl == "transformers":
+        fn, m = hf_model(cfg, 200)
+        return fn, m.to(device), None, ""
+    if impl == "vit-pytorch":
+        fn, m = vit_pytorch_model(cfg, 200)
+        return fn, m.to(device), None, "closest, not identical (see source)"
+    raise ValueError(impl)
+
+
+def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: int) -> dict:
+    x = torch.randn(case.batch, 3, case.img_size, case.img_size, device=device)
+    y = torch.randint(0, 200, (case.batch,), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    runners, notes = {}, {}
+    for impl in impls:
+        try:
+            fn, module, amp, note = build(impl, case, device)
+        except (NotImplementedError, ModuleNotFoundError) as e:
+            notes[impl] = f"not measured: {e}"
+            continue
+        opt = torch.optim.AdamW(module.parameters(), 1e-4, fused=True)  # same optimizer for all
+
+        def train_step(fn=fn, module=module, opt=opt, amp=amp):
+            module.train()
+            with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = F.cross_entropy(fn(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def infer(fn=fn, module=module, amp=amp):
+            module.eval()
+            with (
+                torch.inference_mode(),
+                torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None),
+            ):
+                fn(x)
+
+        for _ in range(warmup):
+            train_step()
+            infer()
+        runners[impl] = (train_step, infer)
+        notes[impl] = note
+    times = {impl: {"train": [], "infer": []} for impl in runners}
+    for _ in range(repeats):
+        for impl, (train_step, infer) in runners.items():
+            times[impl]["train"].append(timed(train_step, sync))
+            times[impl]["infer"].append(timed(infer, sync))
+    out = {}
+    for impl, t in times.items():
+        out[impl] = {
+            "train_images_per_s": case.batch / median(t["train"]),
+            "infer_images_per_s": case.batch / median(t["infer"]),
+        }
+    for impl, note in notes.items():
+        out.setdefault(impl, {})["note"] = note
+    return out
+
+
+def peak_memory_per_image(case: Case, impl: str, device: str) -> float | None:
+    """Peak memory of one training step per image, in MiB (GPU: allocator peak; CPU: growth of
+    the process's peak RSS, measured in a fresh process so earlier work does not mask it)."""
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            fn, module, amp, _ = build(impl, case, device)
+        except (NotImplementedError, ModuleNotFoundError):
+            return None
+        x = torch.randn(case.batch, 3, case.img_size, case.img_size, device=device)
+        y = torch.randint(0, 200, (case.batch,), device=device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(fn(x).float(), y)
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated() - base
+        del fn, module, x, y, loss
+        return peak / case.batch / 2**20
+    import subprocess
+
+    code = (
+        "import sys, resource, json; sys.path.insert(0, sys.argv[1]);"
+        "import throughput as t, torch, torch.nn.functional as F;"
+        "torch.set_num_threads(2);"
+        "case = t.Case(**json.loads(sys.argv[2])); fn, m, amp, _ = t.build(sys.argv[3], case, 'cpu');"
+        "x = torch.randn(case.batch, 3, case.img_size, case.img_size); y = torch.randint(0, 200, (case.batch,));"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "ctx = torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp is not None);"
+        "ctx.__enter__(); loss = F.cross_entropy(fn(x).float(), y); ctx.__exit__(None, None, None); loss.backward();"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024 / case.batch)"
+    )
+    import json
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(Path(__file__).resolve().parent),
+            json.dumps(case.__dict__),
+            impl,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        return float(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--cases", default=",".join(c.key for c in CASES))
+    p.add_argument("--impls", default="cvtlab,cvtlab-bf16,transformers,vit-pytorch")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-scale", type=float, default=1.0, help="multiply every case's batch")
+    p.add_argument(
+        "--memory", action="store_true", help="also measure peak training memory per image"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: batch 4, one repeat, seed and xs only"
+    )
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2 if args.quick else 64)))
+    cases = [c for c in CASES if c.key in args.cases.split(",")]
+    if args.quick:
+        cases = [
+            Case(c.key, c.model, c.img_size, 4, c.overrides) for c in cases if c.img_size == 64
+        ][:2]
+        args.repeats, args.warmup = 1, 1
+    if args.batch_scale != 1.0:
+        cases = [
+            Case(c.key, c.model, c.img_size, max(1, int(c.batch * args.batch_scale)), c.overrides)
+            for c in cases
+        ]
+    impls = args.impls.split(",")
+    dev = args.device
+    rates = {
+        "fp32": matmul_rate(dev, torch.float32, 512 if args.quick else 2048),
+        "bf16": matmul_rate(dev, torch.bfloat16, 512 if args.quick else 2048),
+    }
+    print(
+        f"device {dev}: measured matmul rate fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s"
+    )
+    results = {}
+    for case in cases:
+        with torch.device("meta"):
+            macs = summarize(
+                cvtlab.create_model(case.model, num_classes=200, img_size=case.img_size)
+            )["total_macs"]
+        gflop_fwd = 2 * macs / 1e9
+        res = run_case(case, impls, dev, args.repeats, args.warmup)
+        if args.memory:
+            for impl in res:
+                if "train_images_per_s" in res[impl]:
+                    res[impl]["train_peak_mib_per_image"] = peak_memory_per_image(case, impl, dev)
+        results[case.key] = {
+            "batch": case.batch,
+            "gflop_forward_per_image": gflop_fwd,
+            "impls": res,
+        }
+        base = res.get("transformers", {})
+        print(f"\n{case.key}  batch {case.batch}  {gflop_fwd:.3f} GFLOP/image forward")
+        print(
+            f"{'impl':<14} {'train img/s':>11} {'×HF':>6} {'infer img/s':>11} {'×HF':>6} {'train GFLOP/s':>13} {'% of mm':>8}  {'MiB/img':>8}"
+        )
+        for impl, r in res.items():
+            if "train_images_per_s" not in r:
+                print(f"{impl:<14} {r.get('note', '')}")
+                continue
+            tr, inf = r["train_images_per_s"], r["infer_images_per_s"]
+            gflops = 3 * gflop_fwd * tr
+            peak = rates["bf16"] if impl.endswith("bf16") else rates["fp32"]
+            ratio_t = (
+                tr / base["train_images_per_s"] if "train_images_per_s" in base else float("nan")
+            )
+            ratio_i = (
+                inf / base["infer_images_per_s"] if "infer_images_per_s" in base else float("nan")
+            )
+            r.update(
+                train_vs_transformers=ratio_t,
+                infer_vs_transformers=ratio_i,
+                train_gflops=gflops,
+                train_share_of_matmul=gflops / peak,
+            )
+            mem = r.get("train_peak_mib_per_image")
+            print(
+                f"{impl:<14} {tr:>11.1f} {ratio_t:>6.2f} {inf:>11.1f} {ratio_i:>6.2f} {gflops:>13.1f} {100 * gflops / peak:>7.1f}%  "
+                f"{mem if mem is not None else float('nan'):>8.2f}  {r.get('note', '')}"
+            )
+    payload = {
+        "device": dev,
+        "matmul_gflops": rates,
+        "repeats": args.repeats,
+        "cases": results,
+        "threads": torch.get_num_threads(),
+        "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if not args.no_write and not args.quick:
+        print(write_result("throughput", payload))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

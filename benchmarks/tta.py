@@ -1,0 +1,109 @@
+"""Time to accuracy: train a recipe on the real Tiny ImageNet under a wall-clock budget and
+report test top-1 (the official val set) with the curve of validation top-1 against time.
+
+    python benchmarks/tta.py --config cpu_30min --minutes 30
+    python benchmarks/tta.py --config tiny_imagenet_scratch --minutes 10 --fit-epochs   # on a GPU
+
+``--fit-epochs`` first times 40 training steps and sets the number of epochs so that the
+schedule (warmup + cosine) ends inside the budget. Writes
+benchmarks/results/tta-<recipe>-<machine>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import TINY_ZIP, write_result  # noqa: E402
+
+from cvtlab.train.config import make_config  # noqa: E402
+from cvtlab.train.run import train  # noqa: E402
+
+
+def images_per_second(recipe: str, data: str, steps: int = 40, **flags) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_config(
+            recipe,
+            data=data,
+            out=f"{tmp}/probe",
+            epochs=1,
+            limit_train_batches=steps,
+            logger="none",
+            max_minutes=None,
+            ckpt_every_n_steps=0,
+            **flags,
+        )
+        metrics = train(cfg)
+    return metrics["train_images_per_second"]
+
+
+def train_images(recipe: str, data: str) -> int:
+    from cvtlab.data.cache import open_decoded
+    from cvtlab.data.splits import plan_splits
+    from cvtlab.models.registry import get_config
+
+    cfg = make_config(recipe, data=data)
+    decoded = open_decoded(data, cfg.img_size or get_config(cfg.model).img_size)
+    return len(plan_splits(decoded, cfg.val_per_class, cfg.seed)["train"])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", default=str(TINY_ZIP))
+    p.add_argument("--minutes", type=float, required=True)
+    p.add_argument("--fit-epochs", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    out = args.out or tempfile.mkdtemp(prefix="tta-")
+    flags = {}
+    if args.fit_epochs:
+        rate = images_per_second(args.config, args.data)
+        per_epoch = train_images(args.config, args.data) / rate + 3  # + validation, roughly
+        flags["epochs"] = max(1, int(args.minutes * 60 * 0.97 // per_epoch))
+        print(
+            f"measured {rate:.0f} train images/s → {flags['epochs']} epochs in {args.minutes} min"
+        )
+    cfg = make_config(
+        args.config, data=args.data, out=f"{out}/run", max_minutes=args.minutes, **flags
+    )
+    start = time.time()
+    metrics = train(cfg)
+    rows = json.loads(json.dumps(metrics))
+    curve = []
+    import csv
+
+    with open(Path(out) / "run" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            curve.append(
+                {
+                    "epoch": int(row["epoch"]),
+                    "elapsed_s": float(row["elapsed_s"]),
+                    "val_top1": float(row["val_top1"]) if row["val_top1"] else None,
+                }
+            )
+    result = {
+        "recipe": args.config,
+        "budget_minutes": args.minutes,
+        "config": cfg.to_dict(),
+        "metrics": rows,
+        "curve": curve,
+        "wall_seconds": time.time() - start,
+    }
+    print(
+        f"{args.config}: test top-1 {metrics['test_top1']:.4f} after {metrics['train_seconds']:.0f} s of "
+        f"training ({metrics['epochs']} epochs, {metrics['train_images_per_second']:.0f} img/s)"
+    )
+    if not args.no_write:
+        print(write_result(f"tta-{Path(args.config).stem}", result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
