@@ -29,7 +29,7 @@ if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
     | grep -v Warning | tee "$OUT/throughput.log"
   cp benchmarks/results/throughput-gpu-*.json "$OUT/" 2>/dev/null
 fi
-if [ -n "$DATA" ]; then
+if [ -n "$DATA" ] && [ "${SKIP_TTA:-0}" != 1 ]; then
   timeout "${TTA_TIMEOUT:-540}" python3 benchmarks/tta.py --config tiny_imagenet_scratch --data "$DATA" \
     --minutes "${TTA_MINUTES:-7}" --fit-epochs --out /tmp/tta 2>&1 | grep -vE "Warning|it/s\]" | tail -40 | tee "$OUT/tta.log"
   cp benchmarks/results/tta-*-gpu-*.json "$OUT/" 2>/dev/null

@@ -358,3 +358,46 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shape
     assert "training loss became" in r.stderr and "last good checkpoint" in r.stderr
     assert "Traceback" not in r.stderr
     assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_real_zip_train_eval_predict_export(tiny_zip, tmp_path):
+    """A short run on the real Tiny ImageNet: 30 training batches, then the full 10k test set."""
+    out = tmp_path / "real"
+    cfg = recipe(tmp_path, limit_train_batches=30, ckpt_every_n_steps=0)
+    r = run_cli(
+        "train",
+        "--config",
+        cfg,
+        "--data",
+        str(tiny_zip),
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--model",
+        "cvt_seed",
+        "--batch-size",
+        "64",
+        "--accelerator",
+        "cpu",
+        "--logger",
+        "csv",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 30 and 0 <= m["test_top1"] <= 1
+    best = str(out / "checkpoints" / "best.ckpt")
+    e = json.loads(run_cli("eval", "--checkpoint", best, "--format", "json").stdout)
+    assert e["n"] == 10_000 and e["top1"] == m["test_top1"]
+    import zipfile
+
+    with zipfile.ZipFile(tiny_zip) as zf:
+        (tmp_path / "img.JPEG").write_bytes(zf.read("tiny-imagenet-200/test/images/test_0.JPEG"))
+    r = run_cli("predict", "--checkpoint", best, str(tmp_path / "img.JPEG"), "--format", "json")
+    preds = json.loads(r.stdout)[0]["predictions"]
+    assert len(preds) == 5 and all(p["class"] for p in preds)
+    r = run_cli(
+        "export", "--checkpoint", best, "--format", "onnx", "--out", str(tmp_path / "m.onnx")
+    )
+    assert r.returncode == 0 and (tmp_path / "m.onnx").stat().st_size > 100_000

@@ -1,0 +1,52 @@
+"""Smoke tests: the benchmarks run end to end on tiny sizes (their numbers are not checked;
+speed is measured in benchmarks/, never asserted in tests)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def test_throughput_benchmark_runs_and_reports_ratios():
+    pytest.importorskip("transformers")
+    import throughput
+
+    payload = throughput.main(
+        ["--quick", "--impls", "cvtlab,cvtlab-bf16,transformers", "--no-write"]
+    )
+    case = payload["cases"]["cvt_13@64"]["impls"]
+    assert case["transformers"]["train_vs_transformers"] == pytest.approx(1.0)
+    for impl in ("cvtlab", "cvtlab-bf16"):
+        assert case[impl]["train_images_per_s"] > 0 and case[impl]["infer_images_per_s"] > 0
+    assert "cannot express" in payload["cases"]["cvt_seed@64"]["impls"]["transformers"]["note"]
+
+
+def test_data_benchmark_runs(shapes_small):
+    import data as data_bench
+
+    rates = data_bench.main(["--data", str(shapes_small), "--quick", "--no-write"])
+    assert set(rates) == {"a_decode_zip_pil", "b_cache_crop_flip", "c_cache_full_recipe"}
+    assert all(v > 0 for v in rates.values())
+
+
+def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
+    import tta
+
+    result = tta.main(
+        [
+            "--config",
+            "demo",
+            "--data",
+            str(shapes_small),
+            "--minutes",
+            "0.2",
+            "--out",
+            str(tmp_path),
+            "--no-write",
+        ]
+    )
+    assert 0.0 <= result["metrics"]["test_top1"] <= 1.0
+    assert result["curve"] and result["curve"][0]["elapsed_s"] > 0
