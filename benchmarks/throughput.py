@@ -179,8 +179,8 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
 
 
 def peak_memory_per_image(case: Case, impl: str, device: str) -> float | None:
-    """Peak memory of one training step per image, in MiB (GPU: allocator peak; CPU: growth of
-    the process's peak RSS, measured in a fresh process so earlier work does not mask it)."""
+    """Peak memory of one training step (forward + backward) per image, in MiB (GPU: allocator
+    peak; CPU: peak RSS above the RSS before the step, in a fresh process)."""
     if device == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -198,21 +198,23 @@ def peak_memory_per_image(case: Case, impl: str, device: str) -> float | None:
         peak = torch.cuda.max_memory_allocated() - base
         del fn, module, x, y, loss
         return peak / case.batch / 2**20
+    import json
     import subprocess
 
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so the peak measured after the
+    # step belongs to the step, not to imports and model construction.
     code = (
-        "import sys, resource, json; sys.path.insert(0, sys.argv[1]);"
+        "import sys, json; sys.path.insert(0, sys.argv[1]);"
         "import throughput as t, torch, torch.nn.functional as F;"
         "torch.set_num_threads(2);"
         "case = t.Case(**json.loads(sys.argv[2])); fn, m, amp, _ = t.build(sys.argv[3], case, 'cpu');"
         "x = torch.randn(case.batch, 3, case.img_size, case.img_size); y = torch.randint(0, 200, (case.batch,));"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "kb = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]);"
+        "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS:');"
         "ctx = torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp is not None);"
         "ctx.__enter__(); loss = F.cross_entropy(fn(x).float(), y); ctx.__exit__(None, None, None); loss.backward();"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024 / case.batch)"
+        "print((kb('VmHWM:') - base) / 1024 / case.batch)"
     )
-    import json
-
     r = subprocess.run(
         [
             sys.executable,
@@ -262,6 +264,31 @@ def main(argv=None) -> dict:
         ]
     impls = args.impls.split(",")
     dev = args.device
+    if args.memory_only:
+        mem = {c.key: {i: peak_memory_per_image(c, i, dev) for i in impls} for c in cases}
+        print(f"peak training memory per image (MiB), forward + backward, {dev}")
+        for key, row in mem.items():
+            hf = row.get("transformers")
+            print(
+                f"{key:<14} "
+                + "  ".join(
+                    f"{i} {v:.2f}" + (f" ({v / hf:.2f}×HF)" if hf and v else "")
+                    for i, v in row.items()
+                    if v is not None
+                )
+            )
+        if not args.no_write:
+            print(
+                write_result(
+                    "throughput-memory",
+                    {
+                        "device": dev,
+                        "batches": {c.key: c.batch for c in cases},
+                        "peak_mib_per_image": mem,
+                    },
+                )
+            )
+        return {"peak_mib_per_image": mem}
     rates = {
         "fp32": matmul_rate(dev, torch.float32, 512 if args.quick else 2048),
         "bf16": matmul_rate(dev, torch.bfloat16, 512 if args.quick else 2048),

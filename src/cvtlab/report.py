@@ -11,6 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _short(name: str, limit: int = 18) -> str:
     name = name.split(",")[0].strip()
     return name if len(name) <= limit else name[: limit - 1] + "…"
@@ -52,12 +61,7 @@ def sample_grid(
             )
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def curves(history: list[dict], path: str | Path) -> Path:
@@ -89,12 +93,7 @@ def curves(history: list[dict], path: str | Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def confused_pairs(confusion: np.ndarray, class_names: list[str], k: int = 15) -> list[dict]:
@@ -125,9 +124,4 @@ def confused_pairs_plot(pairs: list[dict], path: str | Path) -> Path:
     ax.set_yticks(range(len(pairs)), labels, fontsize=8)
     ax.set_xlabel("test images")
     ax.set_title("most confused class pairs (true → predicted)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -80,9 +80,7 @@ def hf_to_cvtlab(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if m := _HF_LAYER.match(key):
             stage, layer, part, leaf = m.groups()
             new = f"stage{stage}.blocks.{layer}.{_swap(part, _BLOCK_PARTS, False, key)}.{leaf}"
-        elif key.endswith("cls_token") and (
-            m := re.match(r"^cvt\.encoder\.stages\.(\d+)\.cls_token$", key)
-        ):
+        elif m := re.match(r"^cvt\.encoder\.stages\.(\d+)\.cls_token$", key):
             new = f"stage{m.group(1)}.cls_token"
         elif m := _HF_STAGE.match(key):
             stage, part, leaf = m.groups()

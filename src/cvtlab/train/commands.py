@@ -35,6 +35,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logger", help="csv, tensorboard, wandb or none")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument(
+        "--limit-train-batches", type=int, help="train on this many batches per epoch (smoke runs)"
+    )
 
 
 _FLAG_KEYS = [
@@ -56,6 +59,7 @@ _FLAG_KEYS = [
     "logger",
     "max_minutes",
     "compile",
+    "limit_train_batches",
 ]
 
 
