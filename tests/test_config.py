@@ -1,0 +1,34 @@
+"""Recipes: every shipped recipe is valid, and flags override the file."""
+
+from pathlib import Path
+
+import pytest
+
+from cvtlab import CvtLabError
+from cvtlab.models.registry import get_config
+from cvtlab.train.config import RECIPES, make_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "name", ["demo", "cpu_30min", "tiny_imagenet_scratch", "tiny_imagenet_finetune"]
+)
+def test_shipped_recipes_are_valid_and_visible_in_configs(name):
+    cfg = make_config(name)
+    get_config(cfg.model, **cfg.model_overrides)  # the model and its overrides exist
+    assert (REPO / "configs" / f"{name}.yaml").resolve() == (RECIPES / f"{name}.yaml").resolve()
+
+
+def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
+    cfg = make_config("cpu_30min", epochs=2, lr=0.5)
+    assert cfg.epochs == 2 and cfg.lr == 0.5 and cfg.model == "cvt_xs_64"
+    assert cfg.peak_lr == pytest.approx(0.5 * 128 / 512)
+    with pytest.raises(CvtLabError, match="no such recipe file"):
+        make_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("augment:\n  sharpen: 3\n")
+    with pytest.raises(CvtLabError, match="unknown augment key"):
+        make_config(bad)
+    with pytest.raises(CvtLabError, match="--precision"):
+        make_config(precision="64")
