@@ -245,6 +245,9 @@ def main(argv=None) -> dict:
         "--memory", action="store_true", help="also measure peak training memory per image"
     )
     p.add_argument(
+        "--memory-only", action="store_true", help="only peak memory (writes throughput-memory-…)"
+    )
+    p.add_argument(
         "--quick", action="store_true", help="smoke test: batch 4, one repeat, seed and xs only"
     )
     p.add_argument("--no-write", action="store_true")

@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from .errors import CvtLabError
-
-Command = Callable[[argparse.Namespace], int | None]
 
 
 def _cmd_models(args: argparse.Namespace) -> None:

@@ -21,8 +21,6 @@ from .callbacks import AtomicCheckpointIO, EpochHistory
 from .config import TrainConfig, make_config, save_config
 from .module import CvTClassifier
 
-log = logging.getLogger("cvtlab.train")
-
 
 def _quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -30,6 +28,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*treespec.*")
+    # The module augments on the device in on_after_batch_transfer, by design.
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
 
 def _logger(cfg: TrainConfig, out: Path):
