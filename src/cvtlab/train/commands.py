@@ -247,7 +247,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", help="generate a small dataset and run train → test → predict → report"
     )
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--minutes", type=float, default=1.5, help="training budget")
+    p.add_argument("--minutes", type=float, default=None, help="optional cap on training time")
     p.set_defaults(func=_cmd_demo)
 
 

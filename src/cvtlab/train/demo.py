@@ -19,7 +19,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None) -> dic
     run = out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     flags = {"data": str(data), "out": str(run), "accelerator": "cpu", "devices": 1}
     if minutes:
-        flags["max_minutes"] = minutes * 2  # the recipe's epochs set the length; this is a cap
+        flags["max_minutes"] = minutes  # an optional cap; by default the recipe's epochs decide
     cfg = make_config(recipe_path("demo"), **flags)
     print(f"training {cfg.model} for {cfg.epochs} epochs on {data} → {run}")
     from .commands import predict
