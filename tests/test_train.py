@@ -31,6 +31,19 @@ FAST = [
 ]
 
 
+RUN_LAYOUT = [
+    "config.yaml",
+    "checkpoints/last.ckpt",
+    "checkpoints/best.ckpt",
+    "metrics.csv",
+    "metrics.json",
+    "report/curves.png",
+    "report/test_predictions.png",
+    "report/confused_pairs.png",
+    "report/per_class_accuracy.json",
+]
+
+
 def recipe(tmp_path, **extra):
     data = {
         "lr": 8.0e-3,
@@ -67,17 +80,7 @@ def trained(shapes_small, tmp_path_factory):
 
 def test_run_folder_layout_and_metrics(trained):
     out, r = trained
-    for rel in [
-        "config.yaml",
-        "checkpoints/last.ckpt",
-        "checkpoints/best.ckpt",
-        "metrics.csv",
-        "metrics.json",
-        "report/curves.png",
-        "report/test_predictions.png",
-        "report/confused_pairs.png",
-        "report/per_class_accuracy.json",
-    ]:
+    for rel in RUN_LAYOUT:
         assert (out / rel).is_file(), rel
     m = json.loads((out / "metrics.json").read_text())
     for key in ("val_top1", "val_top5", "test_top1", "test_top5"):
@@ -258,14 +261,7 @@ def test_ddp_on_two_cpu_processes(shapes_small, tmp_path):
         str(two),
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    for rel in [
-        "config.yaml",
-        "checkpoints/last.ckpt",
-        "checkpoints/best.ckpt",
-        "metrics.csv",
-        "metrics.json",
-        "report/curves.png",
-    ]:
+    for rel in RUN_LAYOUT:
         assert (two / rel).is_file(), rel
     m1 = json.loads((one / "metrics.json").read_text())
     m2 = json.loads((two / "metrics.json").read_text())
