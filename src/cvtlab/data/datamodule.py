@@ -171,9 +171,6 @@ class ImageDataModule(L.LightningDataModule):
             raise CvtLabError(f"{self.data_path}: no labelled test images")
         return self._loader("test", shuffle=False)
 
-    def loader_for(self, split: str) -> DataLoader:
-        return self._loader(split, shuffle=False)
-
     def state_dict(self) -> dict:
         """Where training stands in the data: saved in every checkpoint for an exact resume."""
         trainer = getattr(self, "trainer", None)
