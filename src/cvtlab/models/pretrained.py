@@ -47,12 +47,11 @@ class Checkpoint:
         self.class_names = class_names
 
 
-def _config_from_meta(name: str | None, data: dict | None) -> CvTConfig | SeedConfig | None:
+def _config_from_meta(data: dict | None) -> CvTConfig | SeedConfig | None:
+    """The stored config's own fields say its type: only the seed model's has ``embed_dim``."""
     if data is None:
         return None
-    if name in MODEL_CONFIGS and isinstance(MODEL_CONFIGS[name], SeedConfig) or "embed_dim" in data:
-        return SeedConfig(**data)
-    return CvTConfig.from_dict(data)
+    return SeedConfig(**data) if "embed_dim" in data else CvTConfig.from_dict(data)
 
 
 def load_state_dict_file(path: str | Path) -> Checkpoint:
@@ -71,11 +70,7 @@ def load_state_dict_file(path: str | Path) -> Checkpoint:
         except (SafetensorError, OSError, ValueError) as e:
             raise CvtLabError(f"{source}: not a readable safetensors file ({e})") from None
         name = meta.get(_META_MODEL)
-        config = (
-            _config_from_meta(name, json.loads(meta[_META_CONFIG]))
-            if _META_CONFIG in meta
-            else None
-        )
+        config = _config_from_meta(json.loads(meta[_META_CONFIG])) if _META_CONFIG in meta else None
         classes = json.loads(meta[_META_CLASSES]) if _META_CLASSES in meta else None
         return _normalise(Checkpoint(state_dict, source, name, config, classes))
     try:
@@ -89,7 +84,7 @@ def load_state_dict_file(path: str | Path) -> Checkpoint:
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         hparams = obj.get("hyper_parameters") or {}
         name = hparams.get("model")
-        config = _config_from_meta(name, hparams.get("model_config"))
+        config = _config_from_meta(hparams.get("model_config"))
         classes = hparams.get("class_names")
         state_dict = obj["state_dict"]
         # A Lightning checkpoint of cvtlab's module holds the network under "model.".
