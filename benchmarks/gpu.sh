@@ -4,7 +4,9 @@
 #
 # The dataset: ../shared/data/tiny-imagenet-200.zip when it is there; otherwise the zip staged
 # in parts as .stage/tiny-imagenet-200.zip.part* (ignored by git; `split -n 4` of the zip, sent
-# one part per call); otherwise time-to-accuracy is skipped and only throughput is measured.
+# one part per call, each call copying it to /tmp/stage); otherwise time-to-accuracy is
+# skipped and only throughput is measured.
+# FIT_EPOCHS=0 keeps the recipe's epochs instead of fitting them to TTA_MINUTES with a probe.
 # Optional wheels (vit-pytorch) travel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +20,10 @@ SHA=722886dd4352b40d7d1500d9f24f26a0ad63592ab7c5d731ebed384f9f13cf60
 DATA=""
 if [ -f ../shared/data/tiny-imagenet-200.zip ]; then
   DATA=../shared/data/tiny-imagenet-200.zip
-elif ls .stage/tiny-imagenet-200.zip.part* >/dev/null 2>&1; then
-  cat .stage/tiny-imagenet-200.zip.part* > /tmp/tiny-imagenet-200.zip
+elif ls .stage/tiny-imagenet-200.zip.part* /tmp/stage/tiny-imagenet-200.zip.part* >/dev/null 2>&1; then
+  # Parts may arrive in the repo's .stage/ or, copied there by earlier calls, in /tmp/stage/.
+  mkdir -p /tmp/stage && cp -n .stage/tiny-imagenet-200.zip.part* /tmp/stage/ 2>/dev/null
+  cat /tmp/stage/tiny-imagenet-200.zip.part* > /tmp/tiny-imagenet-200.zip
   if echo "$SHA  /tmp/tiny-imagenet-200.zip" | sha256sum -c --quiet; then DATA=/tmp/tiny-imagenet-200.zip
   else echo "staged parts are incomplete: time-to-accuracy skipped"; fi
 fi
@@ -31,7 +35,7 @@ if [ "${SKIP_THROUGHPUT:-0}" != 1 ]; then
 fi
 if [ -n "$DATA" ] && [ "${SKIP_TTA:-0}" != 1 ]; then
   timeout "${TTA_TIMEOUT:-540}" python3 benchmarks/tta.py --config tiny_imagenet_scratch --data "$DATA" \
-    --minutes "${TTA_MINUTES:-7}" --fit-epochs --out /tmp/tta 2>&1 | grep -vE "Warning|it/s\]" | tail -40 | tee "$OUT/tta.log"
+    --minutes "${TTA_MINUTES:-7}" $([ "${FIT_EPOCHS:-1}" = 1 ] && echo --fit-epochs) --out /tmp/tta 2>&1 | grep -vE "Warning|it/s\]" | tail -40 | tee "$OUT/tta.log"
   cp benchmarks/results/tta-*-gpu-*.json "$OUT/" 2>/dev/null
   cp /tmp/tta/run/metrics.csv "$OUT/tta-metrics.csv" 2>/dev/null
 fi

@@ -32,3 +32,14 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         make_config(bad)
     with pytest.raises(CvtLabError, match="--precision"):
         make_config(precision="64")
+    for sizes in ([[1, 32]], [[0, 64], [0, 32]], [[0, 4]], "32", [[0]]):
+        with pytest.raises(CvtLabError, match="train_sizes must be"):
+            make_config(train_sizes=sizes)
+
+
+def test_train_size_schedule():
+    from cvtlab.train.config import train_size_at
+
+    schedule = make_config(train_sizes=[[0, 32], [3, 48], [5, 64]]).train_sizes
+    assert [train_size_at(schedule, e) for e in range(7)] == [32, 32, 32, 48, 48, 64, 64]
+    assert train_size_at(None, 4) is None

@@ -291,6 +291,9 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--lr", "-1"], ["--lr must be positive"]),
         (["--batch-size", "100000"], ["--batch-size 100000", "500 training images"]),
         (["--model", "cvt_31"], ["unknown model 'cvt_31'"]),
+        (["--train-sizes", "0-32"], ["--train-sizes", "'0-32'", "FROM_EPOCH:SIZE"]),
+        (["--train-sizes", "1:32"], ["train_sizes must be", "starting at epoch 0"]),
+        (["--model", "cvt_xs_64", "--train-sizes", "0:40"], ["40 px", "total stride 16"]),
     ],
 )
 def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
@@ -457,3 +460,50 @@ def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_p
     assert m["model"] == "cvt_13" and 0 <= m["test_top1"] <= 1
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["img_size"] == 224 and saved["pretrained"] == str(official)
+
+
+def test_progressive_resizing_trains_small_then_full_size_and_validates_full_size(
+    shapes_small, tmp_path
+):
+    """train_sizes: epoch 0 trains on 32-px batches, epoch 1 on 64-px; validation stays 64."""
+    import lightning as L
+
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+
+    seen = []
+
+    class Sizes(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(("train", trainer.current_epoch, batch[0].shape[-1]))
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            seen.append(("val", trainer.current_epoch, batch[0].shape[-1]))
+
+    cfg = make_config(
+        recipe(tmp_path, limit_train_batches=2, ckpt_every_n_steps=0),
+        data=str(shapes_small),
+        out=str(tmp_path / "run"),
+        model="cvt_xs_64",
+        epochs=2,
+        batch_size=50,
+        accelerator="cpu",
+        train_sizes=[[0, 32], [1, 64]],
+    )
+    metrics = train(cfg, extra_callbacks=[Sizes()])
+    train_sizes = {(e, s) for kind, e, s in seen if kind == "train"}
+    assert train_sizes == {(0, 32), (1, 64)}
+    assert {s for kind, _, s in seen if kind == "val"} == {64}
+    assert metrics["epochs"] == 2 and np.isfinite(metrics["test_loss"])
+
+
+def test_a_non_finite_loss_flag_blocks_any_checkpoint_save():
+    """On accelerators the loss check is deferred; a pending non-finite flag still stops saving."""
+    from cvtlab.train.module import CvTClassifier
+
+    module = CvTClassifier("cvt_seed", {"num_classes": 3}, ["a", "b", "c"])
+    module._nonfinite = torch.tensor(False)
+    module.on_save_checkpoint({})  # a finite history saves normally
+    module._nonfinite = torch.tensor(True)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        module.on_save_checkpoint({})

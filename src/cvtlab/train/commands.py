@@ -38,6 +38,20 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit-train-batches", type=int, help="train on this many batches per epoch (smoke runs)"
     )
+    p.add_argument(
+        "--train-sizes",
+        type=_train_sizes,
+        help="progressive resizing, FROM_EPOCH:SIZE,… e.g. 0:32,3:64 (validation stays full size)",
+    )
+
+
+def _train_sizes(text: str) -> list[list[int]]:
+    try:
+        return [[int(e), int(s)] for e, s in (part.split(":") for part in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of FROM_EPOCH:SIZE pairs like 0:32,3:64"
+        ) from None
 
 
 _FLAG_KEYS = [
@@ -60,6 +74,7 @@ _FLAG_KEYS = [
     "max_minutes",
     "compile",
     "limit_train_batches",
+    "train_sizes",
 ]
 
 

@@ -35,6 +35,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0 turns the weight EMA off
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # progressive resizing: [[from_epoch, size], ...]; training batches are resized to `size`
+    # from that epoch on (validation and test stay at the model's size). None: no resizing.
+    train_sizes: list | None = None
     # engineering
     out: str = "runs/cvtlab"
     seed: int = 0
@@ -76,6 +79,8 @@ class TrainConfig:
             raise CvtLabError(
                 f"--logger must be csv, tensorboard, wandb or none, not {self.logger!r}"
             )
+        if self.train_sizes is not None:
+            self.train_sizes = _check_train_sizes(self.train_sizes)
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise CvtLabError(f"max_minutes must be positive, got {self.max_minutes}")
 
@@ -88,6 +93,27 @@ class TrainConfig:
         d["betas"] = list(self.betas)
         d["augment"]["rrc_scale"] = list(self.augment.rrc_scale)
         return d
+
+
+def _check_train_sizes(value: Any) -> list[list[int]]:
+    problem = f"train_sizes must be a list of [from_epoch, size] pairs starting at epoch 0, not {value!r}"
+    try:
+        pairs = [[int(e), int(s)] for e, s in value]
+    except (TypeError, ValueError):
+        raise CvtLabError(problem) from None
+    epochs = [e for e, _ in pairs]
+    if not pairs or epochs[0] != 0 or epochs != sorted(set(epochs)) or min(s for _, s in pairs) < 8:
+        raise CvtLabError(problem)
+    return pairs
+
+
+def train_size_at(schedule: list[list[int]] | None, epoch: int) -> int | None:
+    """The training image size for ``epoch`` under a ``train_sizes`` schedule (None: unchanged)."""
+    size = None
+    for start, s in schedule or []:
+        if epoch >= start:
+            size = s
+    return size
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from ..data.augment import AugmentConfig, BatchAugment, normalize
 from ..errors import CvtLabError
 from ..models.registry import build_model, get_config
+from .config import train_size_at
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -60,6 +61,7 @@ class CvTClassifier(L.LightningModule):
         augment: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        train_sizes: list | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -92,12 +94,17 @@ class CvTClassifier(L.LightningModule):
         self.test_per_class = MulticlassAccuracy(k, top_k=1, average=None)
         self.test_confusion = MulticlassConfusionMatrix(k)
         self._seen, self._clock = 0, None
+        self._nonfinite: torch.Tensor | None = None  # set once a training loss was not finite
 
     # -- data on the device --------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
             x, targets = self.augment(images, labels)
+            size = train_size_at(self.hparams.train_sizes, self.current_epoch)
+            if size is not None and size != x.shape[-1]:
+                # Progressive resizing: early epochs see smaller images, so cost less per step.
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         else:
             x, targets = normalize(images), labels
         if self.hparams.channels_last:
@@ -121,11 +128,12 @@ class CvTClassifier(L.LightningModule):
             loss = F.cross_entropy(
                 logits.float(), targets, label_smoothing=self.hparams.label_smoothing
             )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss became {loss.item()} at epoch {self.current_epoch}, "
-                f"step {self.global_step}"
-            )
+        # Reading the flag waits for the device, so on accelerators it is read every 25 steps
+        # (and before any checkpoint is written) rather than after each step.
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        if loss.device.type == "cpu" or (batch_idx + 1) % 25 == 0:
+            self._raise_if_nonfinite()
         self.train_loss.update(loss.detach())
         self.train_top1.update(logits.detach(), labels)
         self._seen += len(x)
@@ -137,6 +145,13 @@ class CvTClassifier(L.LightningModule):
                 "img_s", self._seen * world / elapsed, prog_bar=True, on_step=True, on_epoch=False
             )
         return loss
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise FloatingPointError(
+                f"the training loss became non-finite (NaN or inf) by epoch {self.current_epoch}, "
+                f"step {self.global_step}"
+            )
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
@@ -218,6 +233,7 @@ class CvTClassifier(L.LightningModule):
 
     # -- exact resume ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_nonfinite()  # never save weights a non-finite loss has touched
         # Plain tensors and numbers only, so the checkpoint loads with weights_only=True.
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rng_states"] = {

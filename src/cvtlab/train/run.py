@@ -169,6 +169,12 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     model_cfg = get_config(
         cfg.model, num_classes=dm.num_classes, img_size=img_size, **cfg.model_overrides
     )
+    stride = getattr(model_cfg, "total_stride", 1)
+    for _, size in cfg.train_sizes or []:
+        if size % stride:
+            raise CvtLabError(
+                f"train_sizes: {size} px is not a multiple of {cfg.model}'s total stride {stride}"
+            )
     module = CvTClassifier(
         model=cfg.model,
         model_config=model_cfg.to_dict(),
@@ -184,6 +190,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         augment=cfg.to_dict()["augment"] | {"label_smoothing": cfg.label_smoothing},
         channels_last=cfg.channels_last,
         compile=cfg.compile,
+        train_sizes=cfg.train_sizes,
     )
     if cfg.pretrained and not cfg.resume:
         load_pretrained_into(module.model, cfg.pretrained)
