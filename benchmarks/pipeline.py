@@ -110,7 +110,10 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(row, flush=True)
     result = {"recipe": args.config, "batch_size": cfg.batch_size, "device": device, "rows": rows}
-    print(f"{'size':>5} {'model step':>11} " + " ".join(f"{'pipeline w=' + str(w):>13}" for w in workers))
+    print(
+        f"{'size':>5} {'model step':>11} "
+        + " ".join(f"{'pipeline w=' + str(w):>13}" for w in workers)
+    )
     for r in rows:
         cells = " ".join(f"{r[f'pipeline_workers_{w}']:>13.0f}" for w in workers)
         print(f"{r['size']:>5} {r['model_step']['images_per_second']:>11.0f} {cells}")

@@ -96,7 +96,9 @@ class TrainConfig:
 
 
 def _check_train_sizes(value: Any) -> list[list[int]]:
-    problem = f"train_sizes must be a list of [from_epoch, size] pairs starting at epoch 0, not {value!r}"
+    problem = (
+        f"train_sizes must be a list of [from_epoch, size] pairs starting at epoch 0, not {value!r}"
+    )
     try:
         pairs = [[int(e), int(s)] for e, s in value]
     except (TypeError, ValueError):
