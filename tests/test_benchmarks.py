@@ -50,3 +50,14 @@ def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
     )
     assert 0.0 <= result["metrics"]["test_top1"] <= 1.0
     assert result["curve"] and result["curve"][0]["elapsed_s"] > 0
+
+
+def test_pipeline_benchmark_runs():
+    import pipeline
+
+    result = pipeline.main(
+        ["--config", "demo", "--sizes", "32", "--workers", "0", "--steps", "2", "--no-write"]
+    )
+    (row,) = result["rows"]
+    assert row["size"] == 32 and row["model_step"]["images_per_second"] > 0
+    assert row["pipeline_workers_0"] > 0

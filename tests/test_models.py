@@ -67,8 +67,11 @@ def test_timm_registry_knows_every_model():
 
 
 def test_act_layer_choice_and_default():
-    assert isinstance(cvtlab.create_model("cvt_xs_64").stage0.blocks[0].mlp.act, QuickGELU)
-    gelu = cvtlab.create_model("cvt_xs_64", act_layer="gelu")
+    # Official architectures keep QuickGELU (their weights need it); the from-scratch CPU
+    # variant uses exact GELU.
+    assert isinstance(cvtlab.create_model("cvt_13_64").stage0.blocks[0].mlp.act, QuickGELU)
+    assert isinstance(cvtlab.create_model("cvt_xs_64").stage0.blocks[0].mlp.act, torch.nn.GELU)
+    gelu = cvtlab.create_model("cvt_13_64", act_layer="gelu")
     assert isinstance(gelu.stage0.blocks[0].mlp.act, torch.nn.GELU)
     with pytest.raises(CvtLabError, match="act_layer"):
         cvtlab.create_model("cvt_xs_64", act_layer="relu6")

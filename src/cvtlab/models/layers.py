@@ -50,7 +50,7 @@ class ConvEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), h, w
 
 
-class ConvProjection(nn.Sequential):
+class ConvProjection(nn.Module):
     """Depthwise conv (no bias) → BatchNorm on a token map; the official 'dw_bn' projection."""
 
     def __init__(self, dim: int, kernel_size: int, stride: int):
@@ -59,6 +59,19 @@ class ConvProjection(nn.Sequential):
             dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim, bias=False
         )
         self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.conv._forward_hooks or self.bn._forward_hooks:
+            return self.bn(self.conv(x))
+        # In eval mode BatchNorm is a fixed per-channel affine map, so it folds into the conv's
+        # weights and bias: one pass over the token map instead of two. (Not when hooks watch
+        # the two layers, e.g. `cvtlab summary`: they must see each one run.)
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = self.conv.weight * scale.view(-1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        conv = self.conv
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
 
 
 class _fp32_on_cpu:
@@ -124,7 +137,12 @@ class ConvAttention(nn.Module):
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         if self.with_cls_token:
             cls_token, x = x[:, :1], x[:, 1:]
-        grid = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        # A (B, N, C) token map viewed as (B, C, H, W) is already channels-last; after the class
+        # token is cut off it is not quite (the batch stride is one token longer), and each conv
+        # below would copy it. One copy here serves all three.
+        grid = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(
+            memory_format=torch.channels_last
+        )
         # On CPUs, bf16 depthwise-conv and attention backward kernels are many times slower
         # than fp32 ones, so under CPU autocast only the matrix products run in bf16.
         with _fp32_on_cpu(x):
@@ -132,10 +150,16 @@ class ConvAttention(nn.Module):
                 proj(grid.float()).flatten(2).transpose(1, 2)
                 for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
             )
-        if self.with_cls_token:
-            q, k, v = (torch.cat((cls_token.to(t.dtype), t), dim=1) for t in (q, k, v))
+        # The class token joins after the linear projections, not before: the same result, but
+        # each token map then gets a whole, channels-last gradient back. A gradient sliced out of
+        # a concatenation has other strides than the BatchNorm's input, which sends its backward
+        # down a path several times slower on CPUs.
         q, k, v = (
-            rearrange(lin(t), "b n (h d) -> b h n d", h=self.num_heads)
+            rearrange(
+                torch.cat((lin(cls_token), lin(t)), dim=1) if self.with_cls_token else lin(t),
+                "b n (h d) -> b h n d",
+                h=self.num_heads,
+            )
             for lin, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
         )
         drop = self.attn_drop if self.training else 0.0
