@@ -293,7 +293,10 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--model", "cvt_31"], ["unknown model 'cvt_31'"]),
         (["--train-sizes", "0-32"], ["--train-sizes", "'0-32'", "FROM_EPOCH:SIZE"]),
         (["--train-sizes", "1:32"], ["train_sizes must be", "starting at epoch 0"]),
-        (["--model", "cvt_xs_64", "--train-sizes", "0:40"], ["40 px", "total stride 16"]),
+        (
+            ["--model", "cvt_xs_64", "--train-sizes", "0:40"],
+            ["train_sizes", "image size 40", "total stride 16"],
+        ),
     ],
 )
 def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from ..data.datamodule import ImageDataModule
 from ..data.download import resolve_data
 from ..errors import CvtLabError
+from ..models.cvt import check_img_size
 from ..models.pretrained import load_pretrained_into
 from ..models.registry import get_config
 from .callbacks import AtomicCheckpointIO, EpochHistory
@@ -169,12 +170,11 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     model_cfg = get_config(
         cfg.model, num_classes=dm.num_classes, img_size=img_size, **cfg.model_overrides
     )
-    stride = getattr(model_cfg, "total_stride", 1)
     for _, size in cfg.train_sizes or []:
-        if size % stride:
-            raise CvtLabError(
-                f"train_sizes: {size} px is not a multiple of {cfg.model}'s total stride {stride}"
-            )
+        try:
+            check_img_size(size, getattr(model_cfg, "total_stride", 1), cfg.model)
+        except CvtLabError as e:
+            raise CvtLabError(f"train_sizes: {e}") from None
     module = CvTClassifier(
         model=cfg.model,
         model_config=model_cfg.to_dict(),
