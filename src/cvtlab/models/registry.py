@@ -38,7 +38,7 @@ MODEL_CONFIGS: dict[str, CvTConfig | SeedConfig] = {
     # A narrow, shallow CvT for CPU budgets: the ImageNet stride-4 stem (16/8/4 grids at
     # 64 px) and a third of CvT-13's depth; about 0.1 GMACs per 64-px image. Trained from
     # scratch only, so it uses exact GELU: one fused kernel each way, where QuickGELU's
-    # sigmoid-and-multiplies cost a quarter of a CPU training step.
+    # sigmoid-and-multiplies cost about a fifth of a CPU training step (RESULTS.md, attempt 7).
     "cvt_xs_64": CvTConfig(
         act_layer="gelu",
         dims=(64, 128, 256),
