@@ -7,9 +7,11 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +57,29 @@ def timed(fn, sync=None) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def make_train_step(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: torch.dtype | None = None,
+) -> Callable[[], None]:
+    """One training step on a fixed batch: forward (under autocast to ``amp`` if given),
+    cross-entropy, backward, fused AdamW. The same step for every implementation timed."""
+    opt = torch.optim.AdamW(module.parameters(), 1e-4, fused=True)
+    device = x.device.type
+
+    def step() -> None:
+        module.train()
+        with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(fn(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_result  # noqa: E402
+from common import make_train_step, median, write_result  # noqa: E402
 
 from cvtlab.data.synthetic import make_synthetic_tiny_imagenet  # noqa: E402
 from cvtlab.models.registry import create_model  # noqa: E402
@@ -31,18 +30,11 @@ from cvtlab.train.run import train  # noqa: E402
 
 def model_step_rate(cfg, size: int, device: str, steps: int, compile: bool = False) -> dict:
     model = create_model(cfg.model, num_classes=200, **cfg.model_overrides).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     net = torch.compile(model) if compile else model
     x = torch.randn(cfg.batch_size, 3, size, size, device=device)
     y = torch.randint(0, 200, (cfg.batch_size,), device=device)
-    bf16 = cfg.precision.startswith("bf16")
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(net(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    amp = torch.bfloat16 if cfg.precision.startswith("bf16") else None
+    step = make_train_step(net, model, x, y, amp)
 
     def sync():
         if device == "cuda":

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, timed, write_result  # noqa: E402
+from common import make_train_step, median, timed, write_result  # noqa: E402
 
 import cvtlab  # noqa: E402
 from cvtlab.summary import summarize  # noqa: E402
@@ -106,10 +106,11 @@ def vit_pytorch_model(cfg, num_classes: int):
 def build(impl: str, case: Case, device: str):
     """(callable, module, autocast dtype or None, note)"""
     if impl.startswith("cvtlab"):
-        # act_layer="gelu": the peers use exact GELU, so the comparison is the same network.
+        # Exact GELU and no stochastic depth: the peers are built that way (transformers with
+        # drop_path_rate 0, vit-pytorch has none), so every implementation runs the same network.
         over = dict(case.overrides)
         if case.model != "cvt_seed":
-            over["act_layer"] = "gelu"
+            over.update(act_layer="gelu", drop_path_rate=0.0)
         m = cvtlab.create_model(case.model, num_classes=200, img_size=case.img_size, **over)
         m = m.to(device)
         amp = torch.bfloat16 if impl == "cvtlab-bf16" else None
@@ -139,15 +140,7 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
         except (NotImplementedError, ModuleNotFoundError) as e:
             notes[impl] = f"not measured: {e}"
             continue
-        opt = torch.optim.AdamW(module.parameters(), 1e-4, fused=True)  # same optimizer for all
-
-        def train_step(fn=fn, module=module, opt=opt, amp=amp):
-            module.train()
-            with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = F.cross_entropy(fn(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_step = make_train_step(fn, module, x, y, amp)
 
         def infer(fn=fn, module=module, amp=amp):
             module.eval()

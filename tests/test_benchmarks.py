@@ -24,6 +24,21 @@ def test_throughput_benchmark_runs_and_reports_ratios():
     assert "cannot express" in payload["cases"]["cvt_seed@64"]["impls"]["transformers"]["note"]
 
 
+def test_throughput_benchmark_compares_the_same_network():
+    """cvtlab and transformers are timed on one network: same parameter count, and neither
+    pays for stochastic depth that the other skips."""
+    pytest.importorskip("transformers")
+    import throughput
+    from timm.layers import DropPath
+
+    case = throughput.Case("cvt_13@64", "cvt_13", 64, 2, {})
+    _, ours, _, _ = throughput.build("cvtlab", case, "cpu")
+    _, theirs, _, _ = throughput.build("transformers", case, "cpu")
+    assert not any(isinstance(m, DropPath) for m in ours.modules())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) == count(theirs)
+
+
 def test_data_benchmark_runs(shapes_small):
     import data as data_bench
 
