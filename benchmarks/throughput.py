@@ -8,7 +8,8 @@ architecture: Hugging Face ``transformers`` (CvtForImageClassification) and luci
 
 One process; every implementation is warmed up first, then timed interleaved (round-robin over
 implementations, repeated), and the median is reported. A training step is forward, backward
-and an AdamW step; inference is a forward pass under ``inference_mode``. GFLOP/s count 2 FLOPs
+and an AdamW step; inference is a forward pass under ``inference_mode`` (cvtlab-bf16: bf16
+weights on bf16 inputs, training under bf16 autocast). GFLOP/s count 2 FLOPs
 per multiply-accumulate (cvtlab's layer table, attention included; a training step ≈ 3×
 forward) and are shown as a share of the matrix-multiply rate measured in the same run.
 """
@@ -16,6 +17,7 @@ forward) and are shown as a share of the matrix-multiply rate measured in the sa
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import resource
 import sys
@@ -142,13 +144,20 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
             continue
         train_step = make_train_step(fn, module, x, y, amp)
 
-        def infer(fn=fn, module=module, amp=amp):
-            module.eval()
-            with (
-                torch.inference_mode(),
-                torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None),
-            ):
-                fn(x)
+        if amp is None:
+
+            def infer(fn=fn, module=module):
+                module.eval()
+                with torch.inference_mode():
+                    fn(x)
+        else:
+            # cvtlab's bf16 inference runs bf16 weights on bf16 inputs (as `cvtlab eval
+            # --precision bf16` does): autocast would cast every weight on every call.
+            bf16_model, xb = copy.deepcopy(module).to(amp).eval(), x.to(amp)
+
+            def infer(bf16_model=bf16_model, xb=xb):
+                with torch.inference_mode():
+                    bf16_model(xb)
 
         for _ in range(warmup):
             train_step()

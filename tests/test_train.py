@@ -104,6 +104,18 @@ def test_eval_reproduces_the_runs_test_top1(trained):
     assert len(e["per_class"]) == 10 and all(0 <= v <= 1 for v in e["per_class"].values())
 
 
+def test_eval_in_bf16_keeps_the_accuracy(trained):
+    out, _ = trained
+    ckpt = str(out / "checkpoints" / "best.ckpt")
+    r = run_cli("eval", "--checkpoint", ckpt, "--precision", "bf16", "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    e = json.loads(r.stdout)
+    m = json.loads((out / "metrics.json").read_text())
+    assert e["precision"] == "bf16" and abs(e["top1"] - m["test_top1"]) <= 0.02
+    bad = run_cli("eval", "--checkpoint", ckpt, "--precision", "fp8")
+    assert bad.returncode != 0 and "--precision must be 32 or bf16, not 'fp8'" in bad.stderr
+
+
 def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path):
     out, _ = trained
     odd = tmp_path / "odd.png"

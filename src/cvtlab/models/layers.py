@@ -145,9 +145,11 @@ class ConvAttention(nn.Module):
         )
         # On CPUs, bf16 depthwise-conv and attention backward kernels are many times slower
         # than fp32 ones, so under CPU autocast only the matrix products run in bf16.
-        with _fp32_on_cpu(x):
+        with _fp32_on_cpu(x) as fp32:
+            if fp32:
+                grid = grid.float()
             q, k, v = (
-                proj(grid.float()).flatten(2).transpose(1, 2)
+                proj(grid).flatten(2).transpose(1, 2)
                 for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
             )
         # The class token joins after the linear projections, not before: the same result, but

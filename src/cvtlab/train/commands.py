@@ -102,10 +102,19 @@ def _print_run(out: str, metrics: dict) -> None:
 
 
 def evaluate(
-    checkpoint: str, data: str | None = None, split: str = "test", batch_size: int = 256
+    checkpoint: str,
+    data: str | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    precision: str = "32",
 ) -> dict:
     """Top-1, top-5, loss and per-class accuracy of ``checkpoint`` on ``split`` of ``data``
-    (default: the run's own data, split the same way as in training)."""
+    (default: the run's own data, split the same way as in training).
+
+    ``precision="bf16"`` runs a bf16 copy of the weights on bf16 inputs: on CPUs with bf16
+    matrix units the fastest inference (no casts per call, unlike autocast)."""
+    if precision not in ("32", "bf16"):
+        raise CvtLabError(f"--precision must be 32 or bf16, not {precision!r}")
     import torch
     import torch.nn.functional as F
     from torchmetrics.classification import MulticlassAccuracy
@@ -138,12 +147,14 @@ def evaluate(
     loss_sum = 0.0
     from ..data.augment import normalize
 
-    with torch.no_grad():
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = predictor.model.to(dtype)
+    with torch.inference_mode():
         for a in range(0, len(idx), batch_size):
             rows_b = idx[a : a + batch_size]
             x = normalize(torch.from_numpy(np.asarray(decoded.images[rows_b])))
             y = torch.from_numpy(decoded.labels[rows_b].astype(np.int64))
-            logits = predictor.model(x)
+            logits = model(x.to(dtype)).float()
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
             for m in (top1, top5, per_class):
                 m.update(logits, y)
@@ -152,6 +163,7 @@ def evaluate(
         "checkpoint": str(checkpoint),
         "data": str(data),
         "split": split,
+        "precision": precision,
         "n": int(len(idx)),
         "top1": float(top1.compute()),
         "top5": float(top5.compute()),
@@ -161,7 +173,7 @@ def evaluate(
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    result = evaluate(args.checkpoint, args.data, args.split, args.batch_size)
+    result = evaluate(args.checkpoint, args.data, args.split, args.batch_size, args.precision)
     if args.format == "json":
         print(json.dumps(result, indent=2))
         return
@@ -242,6 +254,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="default: the run's own data (config.yaml beside the checkpoint)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--precision", default="32", help="32, or bf16: bf16 weights, fastest on CPUs with AMX"
+    )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_eval)
 
