@@ -155,7 +155,7 @@ def evaluate(
             x = normalize(torch.from_numpy(np.asarray(decoded.images[rows_b])))
             y = torch.from_numpy(decoded.labels[rows_b].astype(np.int64))
             logits = model(x.to(dtype)).float()
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             for m in (top1, top5, per_class):
                 m.update(logits, y)
     accs = per_class.compute().tolist()
