@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from cvtlab import CvtLabError
-from cvtlab.data.augment import AugmentConfig, BatchAugment, crop_flip
+from cvtlab.data.augment import AugmentConfig, BatchAugment, crop_flip, random_erase
 from cvtlab.data.cache import load_index, open_decoded
 from cvtlab.data.datamodule import EpochShuffle, ImageDataModule
 from cvtlab.data.splits import plan_splits
@@ -345,6 +345,27 @@ def test_crop_flip_is_a_per_sample_shift_and_mirror():
             )
         ]
         assert len(matches) == 1
+
+
+def test_batched_random_erase_fills_one_rectangle_in_about_p_of_the_samples():
+    torch.manual_seed(0)
+    x = torch.full((2000, 3, 16, 16), 7.0)
+    out = random_erase(x, 0.25)
+    changed = out != 7.0
+    erased = changed.flatten(1).any(1)
+    assert 0.21 < erased.float().mean().item() < 0.29
+    for i in torch.nonzero(erased).flatten()[:200].tolist():
+        where = changed[i].any(0)  # the same pixels in every channel
+        assert torch.equal(where, changed[i].all(0))
+        rows, cols = torch.nonzero(where.any(1)).flatten(), torch.nonzero(where.any(0)).flatten()
+        # One solid rectangle, within the image and the area limits (2% to 1/3 of 256 pixels,
+        # rounding allowed).
+        box = where[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all() and where.sum() == box.numel()
+        assert 2 <= box.numel() <= 0.4 * 256
+    noise = out[erased][changed[erased]]
+    assert abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1) < 0.1
+    assert torch.equal(random_erase(x, 0.0), x)
 
 
 def test_batch_augment_outputs_normalised_floats_and_soft_targets():

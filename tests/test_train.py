@@ -522,3 +522,56 @@ def test_a_non_finite_loss_flag_blocks_any_checkpoint_save():
     module._nonfinite = torch.tensor(True)
     with pytest.raises(FloatingPointError, match="non-finite"):
         module.on_save_checkpoint({})
+
+
+def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shapes_small, tmp_path):
+    """budget_schedule: with far more epochs than the budget holds, the resize and the cosine
+    follow the clock, so the run switches to full size half-way through the budget and ends
+    annealed when the budget is spent."""
+    import lightning as L
+
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+
+    seen, norms = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            seen.append((time.perf_counter(), batch[0].shape[-1], lr))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            # The gradients the optimiser stepped with (cleared only before the next backward).
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    budget_min = 0.2
+    cfg = make_config(
+        recipe(tmp_path, ckpt_every_n_steps=0, warmup_epochs=1),
+        data=str(shapes_small),
+        out=str(tmp_path / "run"),
+        model="cvt_seed",
+        epochs=1000,
+        batch_size=50,
+        accelerator="cpu",
+        train_sizes=[[0, 32], [500, 64]],
+        max_minutes=budget_min,
+        budget_schedule=True,
+        precision="bf16-mixed",
+        grad_clip=0.01,
+    )
+    metrics = train(cfg, extra_callbacks=[Record()])
+    start, peak = seen[0][0], cfg.peak_lr
+    assert 2 < metrics["epochs"] < 1000  # stopped by the clock, not by the epochs
+    sizes = [s for _, s, _ in seen]
+    switch = sizes.index(64)
+    assert set(sizes[:switch]) == {32} and set(sizes[switch:]) == {64}
+    # The switch comes about half-way through the budget (the clock includes validation).
+    assert 0.3 < (seen[switch][0] - start) / (budget_min * 60) < 0.7
+    lrs = [lr for _, _, lr in seen]
+    assert max(lrs) > 0.9 * peak and lrs[-1] < 0.1 * peak
+    # bf16 autocast with the fused AdamW still clips the gradients.
+    assert norms and max(norms) <= 0.01 * 1.001
+    assert np.isfinite(metrics["test_loss"])
+    with pytest.raises(cvtlab.CvtLabError, match="max_minutes"):
+        make_config(recipe(tmp_path), budget_schedule=True)

@@ -8,6 +8,7 @@ erasing and mixup/cutmix with label smoothing come from timm.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,38 @@ def random_resized_crop(
     )
 
 
+def random_erase(
+    images: torch.Tensor,
+    p: float,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> torch.Tensor:
+    """Random erasing for a whole batch in a fixed number of operations: each sample, with
+    probability ``p``, gets one rectangle (``area`` share of the image, log-uniform ``aspect``)
+    filled with per-pixel normal noise, as timm's ``RandomErasing(mode="pixel")`` does.
+
+    ``images``: normalised (B, C, H, W) float. timm loops over the samples in Python, a few
+    kernel launches each, which a GPU waits on; here the rectangles are drawn together and
+    applied with one mask. (A rectangle too large for the image is clipped to it rather than
+    drawn again.)
+    """
+    b, _, h, w = images.shape
+    device = images.device
+    target = torch.empty(b, device=device).uniform_(*area) * (h * w)
+    log_ar = torch.empty(b, device=device).uniform_(math.log(aspect[0]), math.log(aspect[1]))
+    eh = torch.sqrt(target * torch.exp(log_ar)).round().clamp(1, h - 1)
+    ew = torch.sqrt(target / torch.exp(log_ar)).round().clamp(1, w - 1)
+    top = (torch.rand(b, device=device) * (h - eh + 1)).floor()
+    left = (torch.rand(b, device=device) * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    inside_r = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+    inside_c = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+    chosen = torch.rand(b, device=device) < p
+    mask = inside_r[:, :, None] & inside_c[:, None, :] & chosen[:, None, None]
+    return torch.where(mask[:, None], torch.randn_like(images), images)
+
+
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 (B, H, W, 3) or float-in-[0,1] (B, 3, H, W) → normalised float (B, 3, H, W)."""
     if images.dtype == torch.uint8:
@@ -160,7 +193,11 @@ class BatchAugment:
         if cfg.crop == "rrc":
             x = random_resized_crop(x, cfg.rrc_scale, flip=cfg.flip)
         x = normalize(x)
-        if cfg.random_erase > 0:
+        if cfg.random_erase > 0 and x.device.type != "cpu":
+            x = random_erase(x, cfg.random_erase)
+        elif cfg.random_erase > 0:
+            # On a CPU timm's per-sample loop is cheap, and it draws noise for the erased pixels
+            # only, where the batched version would draw it for the whole batch.
             if self._erase is None or self._erase.device != x.device:
                 self._erase = RandomErasing(cfg.random_erase, mode="pixel", device=x.device)
             x = self._erase(x)

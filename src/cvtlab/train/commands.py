@@ -34,6 +34,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
     p.add_argument("--logger", help="csv, tensorboard, wandb or none")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    p.add_argument(
+        "--budget-schedule",
+        action="store_true",
+        default=None,
+        help="with --max-minutes: fit the lr schedule and train sizes to the time budget",
+    )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument(
         "--limit-train-batches", type=int, help="train on this many batches per epoch (smoke runs)"
@@ -72,6 +78,7 @@ _FLAG_KEYS = [
     "resume",
     "logger",
     "max_minutes",
+    "budget_schedule",
     "compile",
     "limit_train_batches",
     "train_sizes",

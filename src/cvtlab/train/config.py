@@ -52,6 +52,10 @@ class TrainConfig:
     logger: str = "csv"
     ckpt_every_n_steps: int = 200
     max_minutes: float | None = None  # wall-clock budget for training (time-to-accuracy runs)
+    # With max_minutes: the learning-rate schedule and train_sizes advance with whichever is
+    # further along, the steps or the budget's clock, so the schedule is finished when the budget
+    # is spent however fast the machine runs; `epochs` becomes an upper bound.
+    budget_schedule: bool = False
     limit_train_batches: int | None = None  # train on only this many batches per epoch (smoke runs)
     resume: bool = False
 
@@ -83,6 +87,10 @@ class TrainConfig:
             self.train_sizes = _check_train_sizes(self.train_sizes)
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise CvtLabError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.budget_schedule and not self.max_minutes:
+            raise CvtLabError(
+                "budget_schedule needs a time budget: set max_minutes (--max-minutes)"
+            )
 
     @property
     def peak_lr(self) -> float:
@@ -109,8 +117,9 @@ def _check_train_sizes(value: Any) -> list[list[int]]:
     return pairs
 
 
-def train_size_at(schedule: list[list[int]] | None, epoch: int) -> int | None:
-    """The training image size for ``epoch`` under a ``train_sizes`` schedule (None: unchanged)."""
+def train_size_at(schedule: list[list[int]] | None, epoch: float) -> int | None:
+    """The training image size at ``epoch`` (fractional under a budget schedule) under a
+    ``train_sizes`` schedule (None: unchanged)."""
     size = None
     for start, s in schedule or []:
         if epoch >= start:

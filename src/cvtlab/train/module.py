@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric
@@ -62,6 +63,8 @@ class CvTClassifier(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         train_sizes: list | None = None,
+        steps_per_epoch: int | None = None,
+        budget_seconds: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -82,17 +85,21 @@ class CvTClassifier(L.LightningModule):
         self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
         k = self.num_classes
         top5 = min(5, k)
-        self.train_top1 = MulticlassAccuracy(k, top_k=1, average="micro")
-        self.train_loss = MeanMetric()
-        self.val_top1 = MulticlassAccuracy(k, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(k, top_k=top5, average="micro")
-        self.val_loss = MeanMetric()
-        self.val_top1_raw = MulticlassAccuracy(k, top_k=1, average="micro")
-        self.test_top1 = MulticlassAccuracy(k, top_k=1, average="micro")
-        self.test_top5 = MulticlassAccuracy(k, top_k=top5, average="micro")
-        self.test_loss = MeanMetric()
-        self.test_per_class = MulticlassAccuracy(k, top_k=1, average=None)
-        self.test_confusion = MulticlassConfusionMatrix(k)
+        # torchmetrics' input checks (torch.unique of the labels, a NaN test of the loss) wait for
+        # the device on every update, which stalls a GPU each step; the inputs here are ours, and
+        # a non-finite loss is caught by the module itself.
+        acc = dict(average="micro", validate_args=False)
+        self.train_top1 = MulticlassAccuracy(k, top_k=1, **acc)
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_top1 = MulticlassAccuracy(k, top_k=1, **acc)
+        self.val_top5 = MulticlassAccuracy(k, top_k=top5, **acc)
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.val_top1_raw = MulticlassAccuracy(k, top_k=1, **acc)
+        self.test_top1 = MulticlassAccuracy(k, top_k=1, **acc)
+        self.test_top5 = MulticlassAccuracy(k, top_k=top5, **acc)
+        self.test_loss = MeanMetric(nan_strategy="disable")
+        self.test_per_class = MulticlassAccuracy(k, top_k=1, average=None, validate_args=False)
+        self.test_confusion = MulticlassConfusionMatrix(k, validate_args=False)
         self._seen, self._clock = 0, None
         self._nonfinite: torch.Tensor | None = None  # set once a training loss was not finite
 
@@ -101,7 +108,7 @@ class CvTClassifier(L.LightningModule):
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
             x, targets = self.augment(images, labels)
-            size = train_size_at(self.hparams.train_sizes, self.current_epoch)
+            size = train_size_at(self.hparams.train_sizes, self.schedule_epoch())
             if size is not None and size != x.shape[-1]:
                 # Progressive resizing: early epochs see smaller images, so cost less per step.
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
@@ -145,6 +152,26 @@ class CvTClassifier(L.LightningModule):
                 "img_s", self._seen * world / elapsed, prog_bar=True, on_step=True, on_epoch=False
             )
         return loss
+
+    # -- where the run is in its schedule ------------------------------------------------
+    def schedule_step(self, step: int) -> float:
+        """The position in the learning-rate schedule, in optimiser steps. Under a time budget it
+        is the further of ``step`` and the share of the budget spent times ``total_steps``."""
+        budget = self.hparams.budget_seconds
+        if not budget or self._trainer is None:
+            return float(step)
+        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer)]
+        if not timers:
+            return float(step)
+        spent = timers[0].time_elapsed("train") / budget
+        return max(float(step), min(1.0, spent) * self.hparams.total_steps)
+
+    def schedule_epoch(self) -> float:
+        """The epoch that ``train_sizes`` reads: fractional under a time budget."""
+        per_epoch = self.hparams.steps_per_epoch
+        if not self.hparams.budget_seconds or not per_epoch:
+            return self.current_epoch
+        return self.schedule_step(self.global_step) / per_epoch
 
     def _raise_if_nonfinite(self) -> None:
         if self._nonfinite is not None and bool(self._nonfinite):
@@ -222,14 +249,40 @@ class CvTClassifier(L.LightningModule):
     # -- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
+        # The fused kernel updates every tensor in one pass: 3-4x faster than the per-op
+        # (foreach) AdamW on a CPU, and a handful of launches instead of dozens on a GPU. Lightning
+        # cannot clip gradients for an optimiser that unscales fp16 gradients itself, so fp16
+        # mixed precision keeps the foreach one.
+        fp16 = self._trainer is not None and str(self.trainer.precision) == "16-mixed"
         optimizer = torch.optim.AdamW(
-            param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas)
+            param_groups(self.model, hp.weight_decay),
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            fused=not fp16,
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(step, hp.warmup_steps, hp.total_steps, hp.min_lr_ratio),
-        )
+
+        def lr_factor(step: int) -> float:
+            position = step if step < hp.warmup_steps else self.schedule_step(step)
+            return warmup_cosine(position, hp.warmup_steps, hp.total_steps, hp.min_lr_ratio)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for an optimiser that could unscale
+        # fp16 gradients itself, as the fused AdamW could; with bf16 or fp32 there is no scaler,
+        # so the gradients are true gradients and are clipped directly.
+        if gradient_clip_val and optimizer.param_groups[0].get("fused"):
+            if gradient_clip_algorithm in (None, "norm"):
+                nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            else:
+                nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(
+            optimizer, gradient_clip_val, gradient_clip_algorithm
+        )
 
     # -- exact resume ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

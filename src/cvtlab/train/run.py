@@ -125,6 +125,8 @@ def build_trainer(
         enable_model_summary=False,
         log_every_n_steps=10,
         num_sanity_val_steps=0,
+        # cuDNN picks the fastest kernels for each input shape once (a few shapes per run).
+        benchmark=True,
     )
 
 
@@ -191,6 +193,8 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         train_sizes=cfg.train_sizes,
+        steps_per_epoch=steps_per_epoch,
+        budget_seconds=cfg.max_minutes * 60 if cfg.budget_schedule else None,
     )
     if cfg.pretrained and not cfg.resume:
         load_pretrained_into(module.model, cfg.pretrained)
