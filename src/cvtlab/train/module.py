@@ -280,9 +280,7 @@ class CvTClassifier(L.LightningModule):
             else:
                 nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
             return
-        super().configure_gradient_clipping(
-            optimizer, gradient_clip_val, gradient_clip_algorithm
-        )
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- exact resume ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
