@@ -575,3 +575,51 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
     assert np.isfinite(metrics["test_loss"])
     with pytest.raises(cvtlab.CvtLabError, match="max_minutes"):
         make_config(recipe(tmp_path), budget_schedule=True)
+
+
+DDP_BUDGET_SCRIPT = """
+import json, sys
+import lightning as L
+import torch
+from cvtlab.train.config import make_config
+from cvtlab.train.run import train
+
+class Checksum(L.Callback):
+    def on_train_end(self, trainer, module):
+        total = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+        lr = torch.tensor(trainer.optimizers[0].param_groups[0]["lr"], dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(torch.stack([total, lr]))
+        if trainer.is_global_zero:
+            with open(sys.argv[3], "w") as f:
+                json.dump(gathered.tolist(), f)
+
+cfg = make_config(sys.argv[1], data=sys.argv[2], out=sys.argv[4], model="cvt_seed", epochs=1000,
+                  batch_size=25, devices=2, strategy="ddp", accelerator="cpu", logger="none",
+                  train_sizes=[[0, 32], [500, 64]], max_minutes=0.15, budget_schedule=True)
+train(cfg, extra_callbacks=[Checksum()])
+"""
+
+
+@pytest.mark.slow
+def test_budget_schedule_keeps_ddp_replicas_identical(shapes_small, tmp_path):
+    """Under DDP every process follows process 0's clock, so the replicas take the same steps."""
+    script = tmp_path / "ddp_budget.py"
+    script.write_text(DDP_BUDGET_SCRIPT)
+    result = tmp_path / "ranks.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            recipe(tmp_path, ckpt_every_n_steps=0),
+            str(shapes_small),
+            str(result),
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sum0, lr0), (sum1, lr1) = json.loads(result.read_text())
+    assert sum0 == sum1 and lr0 == lr1
+    assert lr0 < 0.1 * 8.0e-3 * 25 / 512  # annealed by the clock: far below the peak

@@ -102,6 +102,7 @@ class CvTClassifier(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(k, validate_args=False)
         self._seen, self._clock = 0, None
         self._nonfinite: torch.Tensor | None = None  # set once a training loss was not finite
+        self._spent_at: tuple[int, float] | None = None  # (step // 10, budget share) under DDP
 
     # -- data on the device --------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
@@ -160,11 +161,20 @@ class CvTClassifier(L.LightningModule):
         budget = self.hparams.budget_seconds
         if not budget or self._trainer is None:
             return float(step)
+        return max(float(step), min(1.0, self._budget_spent(budget)) * self.hparams.total_steps)
+
+    def _budget_spent(self, budget: float) -> float:
         timers = [c for c in self.trainer.callbacks if isinstance(c, Timer)]
-        if not timers:
-            return float(step)
-        spent = timers[0].time_elapsed("train") / budget
-        return max(float(step), min(1.0, spent) * self.hparams.total_steps)
+        spent = timers[0].time_elapsed("train") / budget if timers else 0.0
+        if self.trainer.world_size == 1:
+            return spent
+        # Every process must step with the same learning rate and image size, or the replicas
+        # drift apart: all take process 0's clock, read at the same steps (every 10, to keep
+        # the collective off most steps).
+        bucket = self.global_step // 10
+        if self._spent_at is None or self._spent_at[0] != bucket:
+            self._spent_at = (bucket, float(self.trainer.strategy.broadcast(spent, src=0)))
+        return self._spent_at[1]
 
     def schedule_epoch(self) -> float:
         """The epoch that ``train_sizes`` reads: fractional under a time budget."""
