@@ -76,3 +76,13 @@ def test_pipeline_benchmark_runs():
     (row,) = result["rows"]
     assert row["size"] == 32 and row["model_step"]["images_per_second"] > 0
     assert row["pipeline_workers_0"] > 0
+
+
+def test_optimizer_benchmark_times_both_adamw_kernels():
+    import optimizer
+
+    payload = optimizer.main(
+        ["--models", "cvt_seed", "--steps", "1", "--repeats", "1", "--no-write"]
+    )
+    r = payload["models"]["cvt_seed"]
+    assert r["parameters"] > 0 and r["foreach_ms"] > 0 and r["fused_ms"] > 0
