@@ -32,7 +32,7 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         make_config(bad)
     with pytest.raises(CvtLabError, match="--precision"):
         make_config(precision="64")
-    for sizes in ([[1, 32]], [[0, 64], [0, 32]], [[0, 4]], "32", [[0]]):
+    for sizes in ([[1, 32]], [[0, 64], [0, 32]], [[0, 4]], "32", [[0]], [[0, 32, "zoom"]]):
         with pytest.raises(CvtLabError, match="train_sizes must be"):
             make_config(train_sizes=sizes)
 
@@ -40,6 +40,7 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
 def test_train_size_schedule():
     from cvtlab.train.config import train_size_at
 
-    schedule = make_config(train_sizes=[[0, 32], [3, 48], [5, 64]]).train_sizes
-    assert [train_size_at(schedule, e) for e in range(7)] == [32, 32, 32, 48, 48, 64, 64]
+    schedule = make_config(train_sizes=[[0, 32], [3, 48, "crop"], [5, 64]]).train_sizes
+    sizes = [train_size_at(schedule, e) for e in (0, 1, 2, 2.99, 3, 4, 5, 6)]
+    assert sizes == [(32, "resize")] * 4 + [(48, "crop")] * 2 + [(64, "resize")] * 2
     assert train_size_at(None, 4) is None

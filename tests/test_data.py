@@ -347,6 +347,27 @@ def test_crop_flip_is_a_per_sample_shift_and_mirror():
         assert len(matches) == 1
 
 
+def test_random_crop_takes_full_resolution_windows_at_varying_places():
+    from cvtlab.data.augment import random_crop
+
+    x = torch.randn(64, 3, 12, 12)
+    out = random_crop(x, 8)
+    assert out.shape == (64, 3, 8, 8)
+    places = []
+    for i in range(64):
+        found = [
+            (t, left)
+            for t in range(5)
+            for left in range(5)
+            if torch.equal(out[i], x[i, :, t : t + 8, left : left + 8])
+        ]
+        assert len(found) == 1  # an exact window: same pixels, nothing resampled
+        places.append(found[0])
+    assert len(set(places)) > 10  # per sample, not one window for the batch
+    with pytest.raises(CvtLabError, match="cannot crop 16x16 from 12x12"):
+        random_crop(x, 16)
+
+
 def test_batched_random_erase_fills_one_rectangle_in_about_p_of_the_samples():
     torch.manual_seed(0)
     x = torch.full((2000, 3, 16, 16), 7.0)

@@ -116,6 +116,27 @@ def test_eval_in_bf16_keeps_the_accuracy(trained):
     assert bad.returncode != 0 and "--precision must be 32 or bf16, not 'fp8'" in bad.stderr
 
 
+def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(trained, shapes_small):
+    """--flip scores an image and its mirror image the same, and stays near the plain top-1."""
+    from cvtlab.inference import load_predictor
+    from cvtlab.train.commands import flip_averaged
+
+    out, _ = trained
+    ckpt = str(out / "checkpoints" / "best.ckpt")
+    model = load_predictor(ckpt).model
+    x = torch.randn(6, 3, 64, 64)
+    with torch.inference_mode():
+        plain, mirrored = model(x), model(x.flip(-1))
+        assert not torch.allclose(plain, mirrored, atol=1e-4)  # the model alone is not symmetric
+        torch.testing.assert_close(flip_averaged(model, x), flip_averaged(model, x.flip(-1)))
+        assert torch.allclose(flip_averaged(model, x).exp().sum(-1), torch.ones(6))
+    r = run_cli("eval", "--checkpoint", ckpt, "--flip", "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    e = json.loads(r.stdout)
+    m = json.loads((out / "metrics.json").read_text())
+    assert e["flip"] is True and e["n"] == 100 and abs(e["top1"] - m["test_top1"]) <= 0.1
+
+
 def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path):
     out, _ = trained
     odd = tmp_path / "odd.png"
@@ -304,6 +325,7 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--batch-size", "100000"], ["--batch-size 100000", "500 training images"]),
         (["--model", "cvt_31"], ["unknown model 'cvt_31'"]),
         (["--train-sizes", "0-32"], ["--train-sizes", "'0-32'", "FROM_EPOCH:SIZE"]),
+        (["--train-sizes", "0:96:crop"], ["cannot crop 96 px from 64-px images"]),
         (["--train-sizes", "1:32"], ["train_sizes must be", "starting at epoch 0"]),
         (
             ["--model", "cvt_xs_64", "--train-sizes", "0:40"],
@@ -477,10 +499,12 @@ def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_p
     assert saved["img_size"] == 224 and saved["pretrained"] == str(official)
 
 
+@pytest.mark.parametrize("how", ["resize", "crop"])
 def test_progressive_resizing_trains_small_then_full_size_and_validates_full_size(
-    shapes_small, tmp_path
+    shapes_small, tmp_path, how
 ):
-    """train_sizes: epoch 0 trains on 32-px batches, epoch 1 on 64-px; validation stays 64."""
+    """train_sizes: epoch 0 trains on 32-px batches (resized or cropped), epoch 1 on 64-px;
+    validation stays 64."""
     import lightning as L
 
     from cvtlab.train.config import make_config
@@ -503,7 +527,7 @@ def test_progressive_resizing_trains_small_then_full_size_and_validates_full_siz
         epochs=2,
         batch_size=50,
         accelerator="cpu",
-        train_sizes=[[0, 32], [1, 64]],
+        train_sizes=[[0, 32, how], [1, 64]],
     )
     metrics = train(cfg, extra_callbacks=[Sizes()])
     train_sizes = {(e, s) for kind, e, s in seen if kind == "train"}

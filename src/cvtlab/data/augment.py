@@ -107,6 +107,26 @@ def random_resized_crop(
     )
 
 
+def random_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A random ``size`` × ``size`` window of each sample, at the images' own resolution.
+
+    ``images``: (B, C, H, W); returns (B, C, size, size). Unlike resizing, the objects keep the
+    scale that the model sees at test time, so a run that trains on crops and tests on whole
+    images only gains context.
+    """
+    b, _, h, w = images.shape
+    if size > h or size > w:
+        raise CvtLabError(f"cannot crop {size}x{size} from {h}x{w} images")
+    device = images.device
+    top = torch.randint(0, h - size + 1, (b, 1), device=device)
+    left = torch.randint(0, w - size + 1, (b, 1), device=device)
+    offsets = torch.arange(size, device=device)
+    rows, cols = top + offsets, left + offsets
+    batch = torch.arange(b, device=device)[:, None, None]
+    # Advanced indices around a slice put the indexed dims first: (B, size, size, C).
+    return images[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
 def random_erase(
     images: torch.Tensor,
     p: float,

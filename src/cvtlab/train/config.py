@@ -103,28 +103,36 @@ class TrainConfig:
         return d
 
 
-def _check_train_sizes(value: Any) -> list[list[int]]:
+def _check_train_sizes(value: Any) -> list[list]:
     problem = (
-        f"train_sizes must be a list of [from_epoch, size] pairs starting at epoch 0, not {value!r}"
+        "train_sizes must be a list of [from_epoch, size] or [from_epoch, size, 'crop'] entries "
+        f"starting at epoch 0, not {value!r}"
     )
     try:
-        pairs = [[int(e), int(s)] for e, s in value]
-    except (TypeError, ValueError):
+        entries = [[int(e[0]), int(e[1]), *e[2:]] for e in value]
+    except (TypeError, ValueError, IndexError, KeyError):
         raise CvtLabError(problem) from None
-    epochs = [e for e, _ in pairs]
-    if not pairs or epochs[0] != 0 or epochs != sorted(set(epochs)) or min(s for _, s in pairs) < 8:
+    epochs = [e[0] for e in entries]
+    if (
+        not entries
+        or epochs[0] != 0
+        or epochs != sorted(set(epochs))
+        or min(e[1] for e in entries) < 8
+        or any(len(e) > 3 or (len(e) == 3 and e[2] not in ("crop", "resize")) for e in entries)
+    ):
         raise CvtLabError(problem)
-    return pairs
+    return entries
 
 
-def train_size_at(schedule: list[list[int]] | None, epoch: float) -> int | None:
-    """The training image size at ``epoch`` (fractional under a budget schedule) under a
-    ``train_sizes`` schedule (None: unchanged)."""
-    size = None
-    for start, s in schedule or []:
+def train_size_at(schedule: list[list] | None, epoch: float) -> tuple[int, str] | None:
+    """The training image size and how batches reach it (``"resize"`` the whole image, or a
+    random ``"crop"`` at the full resolution) at ``epoch`` (fractional under a budget schedule)
+    under a ``train_sizes`` schedule (None: unchanged)."""
+    current = None
+    for start, size, *how in schedule or []:
         if epoch >= start:
-            size = s
-    return size
+            current = (size, how[0] if how else "resize")
+    return current
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"

@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from ..data.augment import AugmentConfig, BatchAugment, normalize
+from ..data.augment import AugmentConfig, BatchAugment, normalize, random_crop
 from ..errors import CvtLabError
 from ..models.registry import build_model, get_config
 from .config import train_size_at
@@ -109,10 +109,14 @@ class CvTClassifier(L.LightningModule):
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
             x, targets = self.augment(images, labels)
-            size = train_size_at(self.hparams.train_sizes, self.schedule_epoch())
-            if size is not None and size != x.shape[-1]:
+            current = train_size_at(self.hparams.train_sizes, self.schedule_epoch())
+            if current is not None and current[0] != x.shape[-1]:
                 # Progressive resizing: early epochs see smaller images, so cost less per step.
-                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+                size, how = current
+                if how == "crop":
+                    x = random_crop(x, size)
+                else:
+                    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         else:
             x, targets = normalize(images), labels
         if self.hparams.channels_last:

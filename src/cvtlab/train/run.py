@@ -172,7 +172,9 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     model_cfg = get_config(
         cfg.model, num_classes=dm.num_classes, img_size=img_size, **cfg.model_overrides
     )
-    for _, size in cfg.train_sizes or []:
+    for _, size, *how in cfg.train_sizes or []:
+        if how == ["crop"] and size > img_size:
+            raise CvtLabError(f"train_sizes: cannot crop {size} px from {img_size}-px images")
         try:
             check_img_size(size, getattr(model_cfg, "total_stride", 1), cfg.model)
         except CvtLabError as e:
