@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import CvtLabError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -187,7 +191,7 @@ def evaluate(
     }
 
 
-def flip_averaged(model, x):
+def flip_averaged(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Log of the mean of the class probabilities for ``x`` and its mirror image: the same for
     an image and its mirror, whatever the model."""
     import torch
