@@ -6,7 +6,7 @@ import torch
 import cvtlab
 from cvtlab.summary import format_summary, summarize
 
-from .conftest import run_cli
+from .conftest import run_cli, run_cli_here
 
 
 def test_seed_summary_shows_the_notebooks_shape_chain():
@@ -78,7 +78,7 @@ def test_cli_models_lists_every_model():
     ],
 )
 def test_cli_user_mistakes_are_one_line_without_traceback(args, words):
-    r = run_cli(*args)
+    r = run_cli_here(*args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr

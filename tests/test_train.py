@@ -15,7 +15,7 @@ from PIL import Image
 
 import cvtlab
 
-from .conftest import run_cli
+from .conftest import run_cli, run_cli_here
 
 FAST = [
     "--model",
@@ -334,7 +334,7 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
     ],
 )
 def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
-    r = run_cli(
+    r = run_cli_here(
         "train", "--data", str(shapes_small), "--out", str(tmp_path / "o"), "--epochs", "1", *args
     )
     assert r.returncode == 2
