@@ -7,6 +7,7 @@ given loader worker counts. A large gap means the pipeline, not the model, sets 
 Writes benchmarks/results/pipeline-<recipe>-<machine>.json.
 
     python benchmarks/pipeline.py --config tiny_imagenet_scratch --sizes 32,64 --workers 0,4
+    python benchmarks/pipeline.py --config cpu_30min --workers '' --batch-sizes 256  # step only
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from cvtlab.train.config import make_config  # noqa: E402
 from cvtlab.train.run import train  # noqa: E402
 
 
-def model_step_rate(cfg, size: int, device: str, steps: int, compile: bool = False) -> dict:
+def model_step_rate(
+    cfg, size: int, device: str, steps: int, compile: bool = False, batch_size: int | None = None
+) -> dict:
+    batch_size = batch_size or cfg.batch_size
     model = create_model(cfg.model, num_classes=200, **cfg.model_overrides).to(device)
     net = torch.compile(model) if compile else model
-    x = torch.randn(cfg.batch_size, 3, size, size, device=device)
-    y = torch.randint(0, 200, (cfg.batch_size,), device=device)
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    y = torch.randint(0, 200, (batch_size,), device=device)
     amp = torch.bfloat16 if cfg.precision.startswith("bf16") else None
     step = make_train_step(net, model, x, y, amp)
 
@@ -51,7 +55,7 @@ def model_step_rate(cfg, size: int, device: str, steps: int, compile: bool = Fal
         for _ in range(steps):
             step()
         sync()
-        rates.append(steps * cfg.batch_size / (time.perf_counter() - start))
+        rates.append(steps * batch_size / (time.perf_counter() - start))
     return {"images_per_second": median(rates), "warmup_seconds": warmup_s}
 
 
@@ -76,7 +80,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny_imagenet_scratch")
     p.add_argument("--sizes", default="32,64")
-    p.add_argument("--workers", default="0,4")
+    p.add_argument("--workers", default="0,4", help="loader workers; '' skips the pipeline runs")
+    p.add_argument("--batch-sizes", default="", help="also time the bare step at these batch sizes")
     p.add_argument("--steps", type=int, default=20, help="training steps per measurement")
     p.add_argument("--compile", action="store_true", help="also time a torch.compile'd step")
     p.add_argument("--no-write", action="store_true")
@@ -84,7 +89,8 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = make_config(args.config)
     sizes = [int(s) for s in args.sizes.split(",")]
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = [int(w) for w in args.workers.split(",") if w]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         per_class = max(60, cfg.batch_size * (args.steps + 1) // 10)
@@ -95,6 +101,10 @@ def main(argv=None) -> dict:
                 row["model_step_compiled"] = model_step_rate(
                     cfg, size, device, args.steps, compile=True
                 )
+            for b in batch_sizes:
+                row[f"model_step_batch_{b}"] = model_step_rate(
+                    cfg, size, device, args.steps, batch_size=b
+                )
             for w in workers:
                 row[f"pipeline_workers_{w}"] = pipeline_rate(
                     args.config, str(root), size, w, args.steps, f"{tmp}/run-{size}-{w}"
@@ -103,12 +113,16 @@ def main(argv=None) -> dict:
             print(row, flush=True)
     result = {"recipe": args.config, "batch_size": cfg.batch_size, "device": device, "rows": rows}
     print(
-        f"{'size':>5} {'model step':>11} "
+        f"{'size':>5} {'step @' + str(cfg.batch_size):>11} "
+        + " ".join(f"{'step @' + str(b):>11}" for b in batch_sizes)
         + " ".join(f"{'pipeline w=' + str(w):>13}" for w in workers)
     )
     for r in rows:
+        steps_at = " ".join(
+            f"{r[f'model_step_batch_{b}']['images_per_second']:>11.0f}" for b in batch_sizes
+        )
         cells = " ".join(f"{r[f'pipeline_workers_{w}']:>13.0f}" for w in workers)
-        print(f"{r['size']:>5} {r['model_step']['images_per_second']:>11.0f} {cells}")
+        print(f"{r['size']:>5} {r['model_step']['images_per_second']:>11.0f} {steps_at}{cells}")
     if not args.no_write:
         print(write_result(f"pipeline-{Path(args.config).stem}", result))
     return result

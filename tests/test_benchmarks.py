@@ -76,6 +76,13 @@ def test_pipeline_benchmark_runs():
     (row,) = result["rows"]
     assert row["size"] == 32 and row["model_step"]["images_per_second"] > 0
     assert row["pipeline_workers_0"] > 0
+    result = pipeline.main(
+        ["--config", "demo", "--sizes", "32", "--workers", "", "--batch-sizes", "16",
+         "--steps", "1", "--no-write"]
+    )  # fmt: skip
+    (row,) = result["rows"]
+    assert row["model_step_batch_16"]["images_per_second"] > 0
+    assert not any(k.startswith("pipeline_workers") for k in row)
 
 
 def test_optimizer_benchmark_times_both_adamw_kernels():

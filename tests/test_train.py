@@ -116,10 +116,11 @@ def test_eval_in_bf16_keeps_the_accuracy(trained):
     assert bad.returncode != 0 and "--precision must be 32 or bf16, not 'fp8'" in bad.stderr
 
 
-def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(trained, shapes_small):
+def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(
+    trained, shapes_small, tmp_path
+):
     """--flip scores an image and its mirror image the same, and stays near the plain top-1."""
-    from cvtlab.inference import load_predictor
-    from cvtlab.train.commands import flip_averaged
+    from cvtlab.inference import flip_averaged, load_predictor
 
     out, _ = trained
     ckpt = str(out / "checkpoints" / "best.ckpt")
@@ -135,6 +136,21 @@ def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(trained, 
     e = json.loads(r.stdout)
     m = json.loads((out / "metrics.json").read_text())
     assert e["flip"] is True and e["n"] == 100 and abs(e["top1"] - m["test_top1"]) <= 0.1
+    # predict --flip: an image file and its mirrored copy get the same classes and probabilities
+    sample = shapes_small / "test" / "images" / "test_1.JPEG"
+    mirrored = tmp_path / "mirrored.png"
+    Image.open(sample).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
+    outs = [
+        run_cli_here("predict", "--checkpoint", ckpt, str(f), *flag, "--format", "json")
+        for flag in ([], ["--flip"])
+        for f in (sample, mirrored)
+    ]
+    assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
+    (plain, plain_m, flip, flip_m) = [json.loads(r.stdout)[0]["predictions"] for r in outs]
+    assert plain != plain_m
+    assert [p["class"] for p in flip] == [p["class"] for p in flip_m]
+    for a, b in zip(flip, flip_m):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
 
 
 def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path):

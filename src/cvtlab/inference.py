@@ -22,9 +22,18 @@ class Predictor:
     run_config: dict | None = None  # the training run's config.yaml, when beside the checkpoint
 
     @torch.no_grad()
-    def probabilities(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) images → class probabilities (N, K)."""
-        return self.model(normalize(torch.from_numpy(np.array(images, dtype=np.uint8)))).softmax(-1)
+    def probabilities(self, images: np.ndarray, flip: bool = False) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images → class probabilities (N, K); ``flip`` averages them with
+        the mirror images' (test-time augmentation)."""
+        x = normalize(torch.from_numpy(np.array(images, dtype=np.uint8)))
+        return flip_averaged(self.model, x).exp() if flip else self.model(x).softmax(-1)
+
+
+def flip_averaged(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Log of the mean of the class probabilities for ``x`` and its mirror image: the same for
+    an image and its mirror, whatever the model."""
+    probs = model(x).float().softmax(-1) + model(x.flip(-1)).float().softmax(-1)
+    return torch.log(probs / 2)
 
 
 def _run_config(checkpoint: Path) -> dict | None:

@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import CvtLabError
-
-if TYPE_CHECKING:
-    import torch
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -140,7 +136,7 @@ def evaluate(
     from ..data.cache import open_decoded
     from ..data.download import resolve_data
     from ..data.splits import plan_splits
-    from ..inference import load_predictor
+    from ..inference import flip_averaged, load_predictor
 
     predictor = load_predictor(checkpoint)
     run = predictor.run_config or {}
@@ -191,15 +187,6 @@ def evaluate(
     }
 
 
-def flip_averaged(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Log of the mean of the class probabilities for ``x`` and its mirror image: the same for
-    an image and its mirror, whatever the model."""
-    import torch
-
-    probs = model(x).float().softmax(-1) + model(x.flip(-1)).float().softmax(-1)
-    return torch.log(probs / 2)
-
-
 def _cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate(
         args.checkpoint, args.data, args.split, args.batch_size, args.precision, args.flip
@@ -216,9 +203,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print("lowest per-class accuracy: " + ", ".join(f"{n.split(',')[0]} {a:.2f}" for n, a in worst))
 
 
-def predict(checkpoint: str, images: list[str], topk: int = 5) -> list[dict]:
-    """Top-``topk`` class names and probabilities per image; an unreadable image gets an
-    ``error`` entry instead, and the others are still predicted."""
+def predict(checkpoint: str, images: list[str], topk: int = 5, flip: bool = False) -> list[dict]:
+    """Top-``topk`` class names and probabilities per image (``flip``: averaged with the mirror
+    image's); an unreadable image gets an ``error`` entry instead, and the others are still
+    predicted."""
     from ..inference import load_predictor, read_image
 
     predictor = load_predictor(checkpoint)
@@ -229,7 +217,7 @@ def predict(checkpoint: str, images: list[str], topk: int = 5) -> list[dict]:
         except CvtLabError as e:
             results.append({"image": path, "error": str(e)})
             continue
-        probs = predictor.probabilities(pixels[None])[0]
+        probs = predictor.probabilities(pixels[None], flip=flip)[0]
         values, indices = probs.topk(min(topk, len(probs)))
         results.append(
             {
@@ -244,7 +232,7 @@ def predict(checkpoint: str, images: list[str], topk: int = 5) -> list[dict]:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    results = predict(args.checkpoint, args.images, args.topk)
+    results = predict(args.checkpoint, args.images, args.topk, args.flip)
     if args.format == "json":
         print(json.dumps(results, indent=2))
     else:
@@ -300,6 +288,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
     p.add_argument("--topk", type=int, default=5)
+    p.add_argument(
+        "--flip", action="store_true", help="average with the mirror image's probabilities"
+    )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_predict)
 
