@@ -247,7 +247,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(shapes_small
         "--seed",
         "7",
         "--train-sizes",
-        "0:32",  # a quarter of the cost per step; resume must restore the size schedule too
+        "0:32",  # trained at 32 px, a quarter of the cost per step; validated at 64
         *FAST,
     ]
     full = tmp_path / "full"
