@@ -669,6 +669,6 @@ def test_budget_schedule_keeps_ddp_replicas_identical(shapes_small, tmp_path):
     (sum0, lr0), (sum1, lr1) = json.loads(result.read_text())
     assert sum0 == sum1 and lr0 == lr1
     # Annealed by the clock: by its steps (a sliver of 1000 epochs) it would be near the peak.
-    # The clock is read every 10 steps; the switch to 64 px at 85% of the budget comes from such a
-    # reading, so the last one is late in the run even when the 64-px steps are slow.
+    # The clock is read every 10 steps, and the switch to 64 px at 85% of the budget is decided by
+    # such a reading: once the run reaches it, the last reading is late even if 64-px steps crawl.
     assert lr0 < 0.25 * 8.0e-3 * 25 / 512
