@@ -61,6 +61,29 @@ def test_cli_summary_json_schema():
     assert data["layers"][-1]["output_shape"] == [200]
 
 
+def test_cli_summary_of_a_recipe_shows_the_model_it_trains(tmp_path):
+    from cvtlab.train.config import make_config
+
+    cfg = make_config("cpu_30min")
+    r = run_cli_here("summary", "cpu_30min", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    with torch.device("meta"):
+        trained = cvtlab.create_model(cfg.model, **cfg.model_overrides)
+    assert data["model"] == cfg.model
+    assert data["total_params"] == sum(p.numel() for p in trained.parameters())
+    # The recipe's overrides are in the table, not the registered model's defaults.
+    if cfg.model_overrides.get("stride_kv", [2])[-1] == 1:
+        keys = [row for row in data["layers"] if row["name"].endswith("attn.conv_proj_k.conv")]
+        assert keys[-1]["output_shape"] == [trained.cfg.dims[-1], 4, 4]
+    recipe = tmp_path / "wide.yaml"
+    recipe.write_text("model: cvt_xs_64\nmodel_overrides:\n  dims: [64, 128, 320]\n")
+    r = run_cli_here("summary", str(recipe), "--img-size", "32", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["img_size"] == 32 and data["layers"][-2]["output_shape"][-1] == 320
+
+
 def test_cli_models_lists_every_model():
     r = run_cli("models", "--format", "json")
     assert r.returncode == 0, r.stderr
@@ -74,6 +97,7 @@ def test_cli_models_lists_every_model():
     "args, words",
     [
         (["summary", "cvt_31"], ["unknown model", "cvt_21"]),
+        (["summary", "cpu_30mins"], ["unknown model", "cpu_30mins"]),
         (["summary", "cvt_13", "--img-size", "100"], ["100", "16"]),
     ],
 )

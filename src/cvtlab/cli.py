@@ -50,12 +50,28 @@ def _cmd_models(args: argparse.Namespace) -> None:
 def _cmd_summary(args: argparse.Namespace) -> None:
     import torch
 
-    from .models.registry import create_model
+    from .models.registry import create_model, list_models
     from .summary import format_summary, summarize
 
+    name, overrides, img_size = args.model, {}, args.img_size
+    if name not in list_models() and _is_recipe(name):
+        # A recipe's model is its registered model with the recipe's overrides applied.
+        from .train.config import make_config
+
+        cfg = make_config(name)
+        name, overrides = cfg.model, dict(cfg.model_overrides)
+        img_size = img_size or cfg.img_size
     with torch.device("meta"):
-        model = create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
-    print(format_summary(summarize(model, args.img_size), args.format))
+        model = create_model(name, num_classes=args.num_classes, img_size=img_size, **overrides)
+    print(format_summary(summarize(model, img_size), args.format))
+
+
+def _is_recipe(name: str) -> bool:
+    from pathlib import Path
+
+    from .train.config import RECIPES
+
+    return Path(name).is_file() or (RECIPES / f"{name}.yaml").is_file()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
-    p.add_argument("model")
+    p.add_argument("model", help="a registered model, or a recipe (its model and overrides)")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
