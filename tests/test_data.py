@@ -347,6 +347,36 @@ def test_crop_flip_is_a_per_sample_shift_and_mirror():
         assert len(matches) == 1
 
 
+def test_normalize_matches_the_imagenet_statistics_from_uint8_and_float():
+    from cvtlab.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    images = torch.randint(0, 256, (3, 5, 7, 3), dtype=torch.uint8)
+    m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    want = (images.permute(0, 3, 1, 2).double() / 255 - m.double()) / s.double()
+    got = normalize(images)
+    assert got.shape == (3, 3, 5, 7) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    as_float = images.permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(normalize(as_float).double(), want, rtol=0, atol=1e-5)
+    assert torch.equal(as_float, images.permute(0, 3, 1, 2).float() / 255)  # input untouched
+    # Without crop or flip, training batches are exactly the normalised images.
+    plain = BatchAugment(
+        AugmentConfig(
+            crop="none",
+            flip=False,
+            auto_augment=None,
+            random_erase=0,
+            mixup=0,
+            cutmix=0,
+            label_smoothing=0,
+        ),
+        10,
+    )
+    x, labels = plain(images, torch.arange(3))
+    assert torch.equal(x, got) and labels.tolist() == [0, 1, 2]
+
+
 def test_random_crop_takes_full_resolution_windows_at_varying_places():
     from cvtlab.data.augment import random_crop
 
