@@ -72,10 +72,11 @@ def test_cli_summary_of_a_recipe_shows_the_model_it_trains(tmp_path):
         trained = cvtlab.create_model(cfg.model, **cfg.model_overrides)
     assert data["model"] == cfg.model
     assert data["total_params"] == sum(p.numel() for p in trained.parameters())
-    # The recipe's overrides are in the table, not the registered model's defaults.
-    if cfg.model_overrides.get("stride_kv", [2])[-1] == 1:
-        keys = [row for row in data["layers"] if row["name"].endswith("attn.conv_proj_k.conv")]
-        assert keys[-1]["output_shape"] == [trained.cfg.dims[-1], 4, 4]
+    # The last stage's keys follow the recipe's stride on its 4×4 grid (3×3 conv, padding 1).
+    stride = trained.cfg.stride_kv[-1]
+    keys = [row for row in data["layers"] if row["name"].endswith("attn.conv_proj_k.conv")]
+    side = (4 - 1) // stride + 1
+    assert keys[-1]["output_shape"] == [trained.cfg.dims[-1], side, side]
     recipe = tmp_path / "wide.yaml"
     recipe.write_text("model: cvt_xs_64\nmodel_overrides:\n  dims: [64, 128, 320]\n")
     r = run_cli_here("summary", str(recipe), "--img-size", "32", "--format", "json")

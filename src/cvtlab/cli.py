@@ -54,24 +54,21 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     from .summary import format_summary, summarize
 
     name, overrides, img_size = args.model, {}, args.img_size
-    if name not in list_models() and _is_recipe(name):
-        # A recipe's model is its registered model with the recipe's overrides applied.
-        from .train.config import make_config
+    if name not in list_models():
+        from .train.config import make_config, recipe_path
 
-        cfg = make_config(name)
-        name, overrides = cfg.model, dict(cfg.model_overrides)
-        img_size = img_size or cfg.img_size
+        try:
+            recipe_path(name)
+        except CvtLabError:
+            pass  # not a recipe either: create_model below names the unknown model
+        else:
+            # A recipe's model is its registered model with the recipe's overrides applied.
+            cfg = make_config(name)
+            name, overrides = cfg.model, dict(cfg.model_overrides)
+            img_size = img_size or cfg.img_size
     with torch.device("meta"):
         model = create_model(name, num_classes=args.num_classes, img_size=img_size, **overrides)
     print(format_summary(summarize(model, img_size), args.format))
-
-
-def _is_recipe(name: str) -> bool:
-    from pathlib import Path
-
-    from .train.config import RECIPES
-
-    return Path(name).is_file() or (RECIPES / f"{name}.yaml").is_file()
 
 
 class _Parser(argparse.ArgumentParser):
