@@ -558,6 +558,96 @@ def test_progressive_resizing_trains_small_then_full_size_and_validates_full_siz
     assert metrics["epochs"] == 2 and np.isfinite(metrics["test_loss"])
 
 
+def test_batch_schedule_trains_larger_batches_while_small_at_a_scaled_rate(shapes_small, tmp_path):
+    """train_batch_sizes: epoch 0 draws batches of 100 at 32 px, epoch 1 batches of 50 at 64 px;
+    each step's rate is the schedule's scaled by its batch over batch_size, and the schedule
+    counts images, so the cosine reaches its end after the epochs' images whatever the batch."""
+    import lightning as L
+
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+
+    steps = []
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            # Inside the step: the rate the optimiser applies to this batch.
+            lr = optimizer.param_groups[0]["lr"]
+            steps.append((trainer.current_epoch, module._step_images, module._batch_epoch, lr))
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            steps.append(("shape", trainer.current_epoch, batch[0].shape[0], batch[0].shape[-1]))
+
+    cfg = make_config(
+        recipe(tmp_path, ckpt_every_n_steps=0, warmup_epochs=0, min_lr_ratio=0.0),
+        data=str(shapes_small),
+        out=str(tmp_path / "run"),
+        model="cvt_seed",
+        epochs=2,
+        batch_size=50,
+        accelerator="cpu",
+        train_sizes=[[0, 32], [1, 64]],
+        train_batch_sizes=[[0, 100], [1, 50]],
+    )
+    metrics = train(cfg, extra_callbacks=[Record()])
+    shapes = [s[1:] for s in steps if s[0] == "shape"]
+    n_train = 10 * (60 - 10)  # shapes_small: 10 classes of 60, 10 each held out for validation
+    per_epoch = {e: [(b, px) for ep, b, px in shapes if ep == e] for e in (0, 1)}
+    assert per_epoch[0] == [(100, 32)] * (n_train // 100)
+    assert per_epoch[1] == [(50, 64)] * (n_train // 50)
+    assert metrics["epochs"] == 2 and metrics["steps"] == n_train // 100 + n_train // 50
+    rates = [(e, b, lr) for e, b, _, lr in [s for s in steps if s[0] != "shape"]]
+    peak = cfg.peak_lr
+    total = 2 * (n_train // 50)
+    for i, (e, b, lr) in enumerate(rates):
+        # Position in steps of 50 images: two per 100-image step.
+        done = 2 * i if e == 0 else 2 * (n_train // 100) + (i - n_train // 100)
+        expected = peak * 0.5 * (1 + np.cos(np.pi * done / total)) * b / 50
+        assert lr == pytest.approx(expected, rel=1e-6), (i, e, b)
+    history = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    assert len(history) == 2 and all(row.split(",")[6] for row in history)  # validated each epoch
+    with pytest.raises(cvtlab.CvtLabError, match="train_batch_sizes must be"):
+        make_config(train_batch_sizes=[[1, 100]])
+
+
+def test_batch_schedule_resumes_mid_epoch_where_it_stopped(shapes_small, tmp_path):
+    """A run cut after 3 steps of 100 images resumes with the epoch's last 200 images, not
+    after 3 × batch_size of them, and ends as the uninterrupted run does."""
+    import lightning as L
+
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+
+    class Cut(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            # Lightning runs checkpoint callbacks last, so last.ckpt holds step 3 here.
+            if trainer.global_step == 4:
+                raise RuntimeError("cut")
+
+    def config(out, **extra):
+        return make_config(
+            recipe(tmp_path, ckpt_every_n_steps=3, warmup_epochs=0),
+            data=str(shapes_small),
+            out=str(tmp_path / out),
+            model="cvt_seed",
+            epochs=2,
+            batch_size=50,
+            seed=3,
+            accelerator="cpu",
+            train_sizes=[[0, 32]],
+            train_batch_sizes=[[0, 100], [1, 50]],
+            **extra,
+        )
+
+    full = train(config("full"))
+    with pytest.raises(RuntimeError, match="cut"):
+        train(config("cut"), extra_callbacks=[Cut()])
+    resumed = train(config("cut", resume=True))
+    assert full["steps"] == resumed["steps"] == 500 // 100 + 500 // 50
+    assert resumed["test_top1"] == pytest.approx(full["test_top1"], abs=0.005)
+    assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-3)
+
+
 def test_a_non_finite_loss_flag_blocks_any_checkpoint_save():
     """On accelerators the loss check is deferred; a pending non-finite flag still stops saving."""
     from cvtlab.train.module import CvTClassifier

@@ -8,6 +8,8 @@ work when training there.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -85,6 +87,26 @@ class EpochShuffle(Sampler[int]):
         self.epoch, self._resume_at = epoch, consumed
 
 
+class ScheduledBatches(Sampler[list[int]]):
+    """Batches drawn in the sampler's order, each as large as ``batch_size_now()`` says when it is
+    drawn: the training batch can change mid-epoch (the loader draws its indices in the main
+    process, so the value is read there, a prefetched batch or two ahead). An incomplete last
+    batch is dropped. It has no ``len``, as the number of batches is known only at the epoch's
+    end: Lightning then ends the epoch, and validates, when the iterator ends."""
+
+    def __init__(self, sampler: Sampler[int], batch_size_now: Callable[[], int]):
+        self.sampler, self.batch_size_now = sampler, batch_size_now
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = iter(self.sampler)
+        while True:
+            size = self.batch_size_now()
+            batch = list(islice(order, size))
+            if len(batch) < size:
+                return
+            yield batch
+
+
 class ImageDataModule(L.LightningDataModule):
     """Tiny ImageNet (zip or folder) or any image folder, from the decoded cache."""
 
@@ -109,6 +131,8 @@ class ImageDataModule(L.LightningDataModule):
         self.data: DecodedDataset | None = None
         self.rows: dict[str, np.ndarray] = {}
         self._train_sampler: EpochShuffle | None = None
+        # Set by the training run when the batch follows a schedule (``train_batch_sizes``).
+        self.batch_size_now: Callable[[], int] | None = None
 
     def prepare_data(self) -> None:
         # One process builds the cache; the others wait on its lock and reuse it.
@@ -142,16 +166,17 @@ class ImageDataModule(L.LightningDataModule):
             if self._train_sampler is None:
                 self._train_sampler = EpochShuffle(len(dataset), self.seed, rank, world)
             sampler = self._train_sampler
-            batch_size, drop_last = self.batch_size, True
+            batching = dict(batch_size=self.batch_size, sampler=sampler, drop_last=True)
+            if self.batch_size_now is not None:
+                scheduled = ScheduledBatches(sampler, self.batch_size_now)
+                batching = dict(batch_sampler=scheduled)
         else:
             # Each rank evaluates a disjoint share; torchmetrics adds them up across ranks.
             sampler = list(range(rank, len(dataset), world))
-            batch_size, drop_last = self.eval_batch_size, False
+            batching = dict(batch_size=self.eval_batch_size, sampler=sampler, drop_last=False)
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
+            **batching,
             collate_fn=_keep_batch,
             # Its own generator: creating an epoch's iterator must not draw from the global RNG,
             # or a resumed run's dropout and augmentation would drift from an uninterrupted one.
@@ -178,9 +203,16 @@ class ImageDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
-        # Batches trained so far in this epoch (the loader itself may have prefetched more).
+        # Batches trained so far in this epoch (the loader itself may have prefetched more),
+        # and the images in them, which differ from batches × batch_size under a batch schedule.
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": done, "batch_size": self.batch_size}
+        images = getattr(trainer.lightning_module, "epoch_images", done * self.batch_size)
+        return {
+            "epoch": trainer.current_epoch,
+            "batches_done": done,
+            "batch_size": self.batch_size,
+            "images_done": images,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -188,4 +220,5 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         rank, world = self._rank()
         self._train_sampler = EpochShuffle(len(self.rows["train"]), self.seed, rank, world)
-        self._train_sampler.resume(state["epoch"], state["batches_done"] * state["batch_size"])
+        done = state.get("images_done", state["batches_done"] * state["batch_size"])
+        self._train_sampler.resume(state["epoch"], done)

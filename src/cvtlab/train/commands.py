@@ -50,6 +50,21 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="progressive resizing, FROM_EPOCH:SIZE[:crop],… e.g. 0:32,3:48:crop (:crop takes a "
         "random window at full resolution instead of resizing; validation stays full size)",
     )
+    p.add_argument(
+        "--train-batch-sizes",
+        type=_train_batch_sizes,
+        help="training batch by phase, FROM_EPOCH:BATCH,… e.g. 0:256,4:128 with --train-sizes "
+        "0:32,4:64 (the learning rate follows the batch linearly)",
+    )
+
+
+def _train_batch_sizes(text: str) -> list[list]:
+    try:
+        return [[int(n) for n in part.split(":", 1)] for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of FROM_EPOCH:BATCH entries like 0:256,4:128"
+        ) from None
 
 
 def _train_sizes(text: str) -> list[list]:
@@ -84,6 +99,7 @@ _FLAG_KEYS = [
     "compile",
     "limit_train_batches",
     "train_sizes",
+    "train_batch_sizes",
 ]
 
 

@@ -38,6 +38,11 @@ class TrainConfig:
     # progressive resizing: [[from_epoch, size], ...]; training batches are resized to `size`
     # from that epoch on (validation and test stay at the model's size). None: no resizing.
     train_sizes: list | None = None
+    # the training batch by phase: [[from_epoch, batch_size], ...], read on the same schedule as
+    # train_sizes (mid-epoch under budget_schedule), e.g. larger batches while images are small.
+    # Learning-rate schedule and warmup count images, in steps of `batch_size`; with scale_lr
+    # the peak rate scales with the phase's batch as it does with batch_size. None: batch_size.
+    train_batch_sizes: list | None = None
     # engineering
     out: str = "runs/cvtlab"
     seed: int = 0
@@ -85,6 +90,8 @@ class TrainConfig:
             )
         if self.train_sizes is not None:
             self.train_sizes = _check_train_sizes(self.train_sizes)
+        if self.train_batch_sizes is not None:
+            self.train_batch_sizes = _check_train_batch_sizes(self.train_batch_sizes)
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise CvtLabError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.budget_schedule and not self.max_minutes:
@@ -122,6 +129,36 @@ def _check_train_sizes(value: Any) -> list[list]:
     ):
         raise CvtLabError(problem)
     return entries
+
+
+def _check_train_batch_sizes(value: Any) -> list[list[int]]:
+    problem = (
+        "train_batch_sizes must be a list of [from_epoch, batch_size] entries starting at epoch 0, "
+        f"with positive batch sizes, not {value!r}"
+    )
+    try:
+        entries = [[int(e[0]), int(e[1])] for e in value if len(e) == 2]
+    except (TypeError, ValueError, KeyError):
+        raise CvtLabError(problem) from None
+    epochs = [e[0] for e in entries]
+    if (
+        not entries
+        or len(entries) != len(value)
+        or epochs[0] != 0
+        or epochs != sorted(set(epochs))
+        or min(e[1] for e in entries) < 1
+    ):
+        raise CvtLabError(problem)
+    return entries
+
+
+def batch_size_at(schedule: list[list] | None, epoch: float, default: int) -> int:
+    """The training batch at ``epoch`` under a ``train_batch_sizes`` schedule (None: ``default``)."""
+    current = default
+    for start, size in schedule or []:
+        if epoch >= start:
+            current = size
+    return current
 
 
 def train_size_at(schedule: list[list] | None, epoch: float) -> tuple[int, str] | None:

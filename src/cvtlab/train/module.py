@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from ..data.augment import AugmentConfig, BatchAugment, normalize, random_crop
 from ..errors import CvtLabError
 from ..models.registry import build_model, get_config
-from .config import train_size_at
+from .config import batch_size_at, train_size_at
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -37,7 +37,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+def warmup_cosine(step: float, warmup: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warmup to 1, then cosine down to ``min_ratio``."""
     if step < warmup:
         return (step + 1) / warmup
@@ -65,6 +65,9 @@ class CvTClassifier(L.LightningModule):
         train_sizes: list | None = None,
         steps_per_epoch: int | None = None,
         budget_seconds: float | None = None,
+        batch_size: int | None = None,
+        train_batch_sizes: list | None = None,
+        scale_lr: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -101,6 +104,12 @@ class CvTClassifier(L.LightningModule):
         self.test_per_class = MulticlassAccuracy(k, top_k=1, average=None, validate_args=False)
         self.test_confusion = MulticlassConfusionMatrix(k, validate_args=False)
         self._seen, self._clock = 0, None
+        # Images trained on this process, in the whole run and in one epoch: the schedule counts
+        # images rather than optimiser steps, as the batch may change (``train_batch_sizes``).
+        self.images_trained = 0
+        self._epoch_count = (0, 0)  # (epoch, images trained in it)
+        self._batch_epoch: float | None = None  # the schedule epoch of the last training batch
+        self._step_images = 0  # the size of the batch being trained
         self._nonfinite: torch.Tensor | None = None  # set once a training loss was not finite
         self._spent_at: tuple[int, float] | None = None  # (step // 10, budget share) under DDP
 
@@ -109,7 +118,7 @@ class CvTClassifier(L.LightningModule):
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
             x, targets = self.augment(images, labels)
-            current = train_size_at(self.hparams.train_sizes, self.schedule_epoch())
+            current = train_size_at(self.hparams.train_sizes, epoch := self.schedule_epoch())
             if current is not None and current[0] != x.shape[-1]:
                 # Progressive resizing: early epochs see smaller images, so cost less per step.
                 size, how = current
@@ -117,6 +126,7 @@ class CvTClassifier(L.LightningModule):
                     x = random_crop(x, size)
                 else:
                     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+            self._batch_epoch, self._step_images = epoch, len(x)
         else:
             x, targets = normalize(images), labels
         if self.hparams.channels_last:
@@ -149,6 +159,8 @@ class CvTClassifier(L.LightningModule):
         self.train_loss.update(loss.detach())
         self.train_top1.update(logits.detach(), labels)
         self._seen += len(x)
+        self.images_trained += len(x)
+        self._epoch_count = (self.current_epoch, self.epoch_images + len(x))
         self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         elapsed = time.perf_counter() - (self._clock or time.perf_counter())
         if elapsed > 0:
@@ -159,7 +171,31 @@ class CvTClassifier(L.LightningModule):
         return loss
 
     # -- where the run is in its schedule ------------------------------------------------
-    def schedule_step(self, step: int) -> float:
+    @property
+    def epoch_images(self) -> int:
+        """Images trained on this process in the current epoch."""
+        epoch, images = self._epoch_count
+        return images if epoch == self.current_epoch else 0
+
+    def trained_steps(self) -> float:
+        """How far training has come, in optimiser steps of ``batch_size`` images (the global
+        step itself when the batch never changes, or for a module built without batch_size)."""
+        base = self.hparams.batch_size
+        return self.images_trained / base if base else float(self.global_step)
+
+    def train_batch_size(self) -> int:
+        """The batch that ``train_batch_sizes`` sets now. The loader calls it for each batch it
+        draws, so under a time budget it reuses the schedule position of the last training batch
+        rather than read the clock (which, under DDP, is a collective)."""
+        hp = self.hparams
+        if not hp.train_batch_sizes:
+            return hp.batch_size
+        epoch = self._batch_epoch if hp.budget_seconds else self.current_epoch
+        if epoch is None:
+            epoch = self.trained_steps() / (hp.steps_per_epoch or 1)
+        return batch_size_at(hp.train_batch_sizes, epoch, hp.batch_size)
+
+    def schedule_step(self, step: float) -> float:
         """The position in the learning-rate schedule, in optimiser steps. Under a time budget it
         is the further of ``step`` and the share of the budget spent times ``total_steps``."""
         budget = self.hparams.budget_seconds
@@ -185,7 +221,7 @@ class CvTClassifier(L.LightningModule):
         per_epoch = self.hparams.steps_per_epoch
         if not self.hparams.budget_seconds or not per_epoch:
             return self.current_epoch
-        return self.schedule_step(self.global_step) / per_epoch
+        return self.schedule_step(self.trained_steps()) / per_epoch
 
     def _raise_if_nonfinite(self) -> None:
         if self._nonfinite is not None and bool(self._nonfinite):
@@ -275,12 +311,32 @@ class CvTClassifier(L.LightningModule):
             fused=not fp16,
         )
 
-        def lr_factor(step: int) -> float:
-            position = step if step < hp.warmup_steps else self.schedule_step(step)
+        def lr_factor(_: int) -> float:
+            # The position comes from the images trained, not the scheduler's step count, so
+            # that steps of a larger batch move the schedule further.
+            done = self.trained_steps()
+            position = done if done < hp.warmup_steps else self.schedule_step(done)
             return warmup_cosine(position, hp.warmup_steps, hp.total_steps, hp.min_lr_ratio)
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # Under train_batch_sizes a step of another batch takes the rate scaled by its size, the
+        # linear rule that sets the peak rate from batch_size; the schedule itself is unscaled.
+        hp = self.hparams
+        scale = 1.0
+        if hp.train_batch_sizes and hp.scale_lr and self._step_images:
+            scale = self._step_images / hp.batch_size
+        if scale != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] *= scale
+        try:
+            optimizer.step(closure=optimizer_closure)
+        finally:
+            if scale != 1.0:
+                for group in optimizer.param_groups:
+                    group["lr"] /= scale
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -308,8 +364,22 @@ class CvTClassifier(L.LightningModule):
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate(),
         }
+        checkpoint["images_trained"] = {
+            "run": self.images_trained,
+            "epoch": self._epoch_count[0],
+            "in_epoch": self._epoch_count[1],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written before images were counted held a fixed batch throughout.
+        steps = checkpoint.get("global_step", 0)
+        counted = checkpoint.get("images_trained") or {
+            "run": steps * (self.hparams.batch_size or 0),
+            "epoch": checkpoint.get("epoch", 0),
+            "in_epoch": 0,
+        }
+        self.images_trained = int(counted["run"])
+        self._epoch_count = (int(counted["epoch"]), int(counted["in_epoch"]))
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])

@@ -169,6 +169,12 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
             f"--batch-size {cfg.batch_size} × {trainer.world_size} processes is larger than the "
             f"{len(dm.rows['train'])} training images"
         )
+    for _, batch in cfg.train_batch_sizes or []:
+        if batch * trainer.world_size > len(dm.rows["train"]):
+            raise CvtLabError(
+                f"train_batch_sizes: batch {batch} × {trainer.world_size} processes is larger "
+                f"than the {len(dm.rows['train'])} training images"
+            )
     model_cfg = get_config(
         cfg.model, num_classes=dm.num_classes, img_size=img_size, **cfg.model_overrides
     )
@@ -197,7 +203,12 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         train_sizes=cfg.train_sizes,
         steps_per_epoch=steps_per_epoch,
         budget_seconds=cfg.max_minutes * 60 if cfg.budget_schedule else None,
+        batch_size=cfg.batch_size,
+        train_batch_sizes=cfg.train_batch_sizes,
+        scale_lr=cfg.scale_lr,
     )
+    if cfg.train_batch_sizes:
+        dm.batch_size_now = module.train_batch_size
     if cfg.pretrained and not cfg.resume:
         load_pretrained_into(module.model, cfg.pretrained)
         if module.ema is not None:
