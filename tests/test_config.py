@@ -35,6 +35,9 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
     for sizes in ([[1, 32]], [[0, 64], [0, 32]], [[0, 4]], "32", [[0]], [[0, 32, "zoom"]]):
         with pytest.raises(CvtLabError, match="train_sizes must be"):
             make_config(train_sizes=sizes)
+    for batches in ([[1, 256]], [[0, 256], [0, 128]], [[0, 0]], "256", [[0]], [[0, 256, 3]]):
+        with pytest.raises(CvtLabError, match="train_batch_sizes must be"):
+            make_config(train_batch_sizes=batches)
 
 
 def test_train_size_schedule():
@@ -44,3 +47,12 @@ def test_train_size_schedule():
     sizes = [train_size_at(schedule, e) for e in (0, 1, 2, 2.99, 3, 4, 5, 6)]
     assert sizes == [(32, "resize")] * 4 + [(48, "crop")] * 2 + [(64, "resize")] * 2
     assert train_size_at(None, 4) is None
+
+
+def test_train_batch_schedule():
+    from cvtlab.train.config import batch_size_at
+
+    schedule = make_config(train_batch_sizes=[[0, 256], [4, 128]]).train_batch_sizes
+    batches = [batch_size_at(schedule, e, 64) for e in (0, 3.99, 4, 9)]
+    assert batches == [256, 256, 128, 128]
+    assert batch_size_at(None, 4, 64) == 64

@@ -347,6 +347,9 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--train-sizes", "0-32"], ["--train-sizes", "'0-32'", "FROM_EPOCH:SIZE"]),
         (["--train-sizes", "0:96:crop"], ["cannot crop 96 px from 64-px images"]),
         (["--train-sizes", "1:32"], ["train_sizes must be", "starting at epoch 0"]),
+        (["--train-batch-sizes", "0:big"], ["--train-batch-sizes", "'0:big'", "FROM_EPOCH:BATCH"]),
+        (["--train-batch-sizes", "1:256"], ["train_batch_sizes must be", "starting at epoch 0"]),
+        (["--train-batch-sizes", "0:600"], ["train_batch_sizes: batch 600", "500 training images"]),
         (
             ["--model", "cvt_xs_64", "--train-sizes", "0:40"],
             ["train_sizes", "image size 40", "total stride 16"],
