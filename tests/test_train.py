@@ -561,10 +561,10 @@ def test_progressive_resizing_trains_small_then_full_size_and_validates_full_siz
     assert metrics["epochs"] == 2 and np.isfinite(metrics["test_loss"])
 
 
-def test_batch_schedule_trains_larger_batches_while_small_at_a_scaled_rate(shapes_small, tmp_path):
+def test_batch_schedule_trains_larger_batches_while_small(shapes_small, tmp_path):
     """train_batch_sizes: epoch 0 draws batches of 100 at 32 px, epoch 1 batches of 50 at 64 px;
-    each step's rate is the schedule's scaled by its batch over batch_size, and the schedule
-    counts images, so the cosine reaches its end after the epochs' images whatever the batch."""
+    the schedule counts images, so a step of 100 moves the cosine twice as far as one of 50, and
+    it reaches its end after the epochs' images whatever the batch."""
     import lightning as L
 
     from cvtlab.train.config import make_config
@@ -576,7 +576,7 @@ def test_batch_schedule_trains_larger_batches_while_small_at_a_scaled_rate(shape
         def on_before_optimizer_step(self, trainer, module, optimizer):
             # Inside the step: the rate the optimiser applies to this batch.
             lr = optimizer.param_groups[0]["lr"]
-            steps.append((trainer.current_epoch, module._step_images, module._batch_epoch, lr))
+            steps.append((trainer.current_epoch, lr))
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             steps.append(("shape", trainer.current_epoch, batch[0].shape[0], batch[0].shape[-1]))
@@ -599,14 +599,14 @@ def test_batch_schedule_trains_larger_batches_while_small_at_a_scaled_rate(shape
     assert per_epoch[0] == [(100, 32)] * (n_train // 100)
     assert per_epoch[1] == [(50, 64)] * (n_train // 50)
     assert metrics["epochs"] == 2 and metrics["steps"] == n_train // 100 + n_train // 50
-    rates = [(e, b, lr) for e, b, _, lr in [s for s in steps if s[0] != "shape"]]
+    rates = [s for s in steps if s[0] != "shape"]
     peak = cfg.peak_lr
     total = 2 * (n_train // 50)
-    for i, (e, b, lr) in enumerate(rates):
+    for i, (e, lr) in enumerate(rates):
         # Position in steps of 50 images: two per 100-image step.
         done = 2 * i if e == 0 else 2 * (n_train // 100) + (i - n_train // 100)
-        expected = peak * 0.5 * (1 + np.cos(np.pi * done / total)) * b / 50
-        assert lr == pytest.approx(expected, rel=1e-6), (i, e, b)
+        expected = peak * 0.5 * (1 + np.cos(np.pi * done / total))
+        assert lr == pytest.approx(expected, rel=1e-6), (i, e)
     history = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
     assert len(history) == 2 and all(row.split(",")[6] for row in history)  # validated each epoch
     with pytest.raises(cvtlab.CvtLabError, match="train_batch_sizes must be"):
@@ -734,14 +734,16 @@ class Checksum(L.Callback):
 
 cfg = make_config(sys.argv[1], data=sys.argv[2], out=sys.argv[4], model="cvt_seed", epochs=1000,
                   batch_size=25, devices=2, strategy="ddp", accelerator="cpu", logger="none",
-                  train_sizes=[[0, 32], [850, 64]], max_minutes=0.15, budget_schedule=True)
+                  train_sizes=[[0, 32], [850, 64]], train_batch_sizes=[[0, 50], [850, 25]],
+                  max_minutes=0.15, budget_schedule=True)
 train(cfg, extra_callbacks=[Checksum()])
 """
 
 
 @pytest.mark.slow
 def test_budget_schedule_keeps_ddp_replicas_identical(shapes_small, tmp_path):
-    """Under DDP every process follows process 0's clock, so the replicas take the same steps."""
+    """Under DDP every process follows process 0's clock, so the replicas take the same steps,
+    with the same images, batch and rate at each."""
     script = tmp_path / "ddp_budget.py"
     script.write_text(DDP_BUDGET_SCRIPT)
     result = tmp_path / "ranks.json"

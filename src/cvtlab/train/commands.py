@@ -54,7 +54,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--train-batch-sizes",
         type=_train_batch_sizes,
         help="training batch by phase, FROM_EPOCH:BATCH,… e.g. 0:256,4:128 with --train-sizes "
-        "0:32,4:64 (the learning rate follows the batch linearly)",
+        "0:32,4:64 (the schedule counts images; each step takes the schedule's rate)",
     )
 
 

@@ -40,8 +40,9 @@ class TrainConfig:
     train_sizes: list | None = None
     # the training batch by phase: [[from_epoch, batch_size], ...], read on the same schedule as
     # train_sizes (mid-epoch under budget_schedule), e.g. larger batches while images are small.
-    # Learning-rate schedule and warmup count images, in steps of `batch_size`; with scale_lr
-    # the peak rate scales with the phase's batch as it does with batch_size. None: batch_size.
+    # The schedule and warmup count images, in steps of `batch_size`; every step takes the
+    # schedule's rate whatever its batch (with AdamW an update's size follows the rate, and
+    # scaling it with the batch cost 3 points: RESULTS, attempts Z and Z2). None: batch_size.
     train_batch_sizes: list | None = None
     # engineering
     out: str = "runs/cvtlab"

@@ -67,7 +67,6 @@ class CvTClassifier(L.LightningModule):
         budget_seconds: float | None = None,
         batch_size: int | None = None,
         train_batch_sizes: list | None = None,
-        scale_lr: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -109,7 +108,6 @@ class CvTClassifier(L.LightningModule):
         self.images_trained = 0
         self._epoch_count = (0, 0)  # (epoch, images trained in it)
         self._batch_epoch: float | None = None  # the schedule epoch of the last training batch
-        self._step_images = 0  # the size of the batch being trained
         self._nonfinite: torch.Tensor | None = None  # set once a training loss was not finite
         self._spent_at: tuple[int, float] | None = None  # (step // 10, budget share) under DDP
 
@@ -126,7 +124,7 @@ class CvTClassifier(L.LightningModule):
                     x = random_crop(x, size)
                 else:
                     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-            self._batch_epoch, self._step_images = epoch, len(x)
+            self._batch_epoch = epoch
         else:
             x, targets = normalize(images), labels
         if self.hparams.channels_last:
@@ -320,23 +318,6 @@ class CvTClassifier(L.LightningModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        # Under train_batch_sizes a step of another batch takes the rate scaled by its size, the
-        # linear rule that sets the peak rate from batch_size; the schedule itself is unscaled.
-        hp = self.hparams
-        scale = 1.0
-        if hp.train_batch_sizes and hp.scale_lr and self._step_images:
-            scale = self._step_images / hp.batch_size
-        if scale != 1.0:
-            for group in optimizer.param_groups:
-                group["lr"] *= scale
-        try:
-            optimizer.step(closure=optimizer_closure)
-        finally:
-            if scale != 1.0:
-                for group in optimizer.param_groups:
-                    group["lr"] /= scale
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None

@@ -205,7 +205,6 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         budget_seconds=cfg.max_minutes * 60 if cfg.budget_schedule else None,
         batch_size=cfg.batch_size,
         train_batch_sizes=cfg.train_batch_sizes,
-        scale_lr=cfg.scale_lr,
     )
     if cfg.train_batch_sizes:
         dm.batch_size_now = module.train_batch_size
