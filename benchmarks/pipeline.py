@@ -60,6 +60,9 @@ def model_step_rate(
 
 
 def pipeline_rate(recipe: str, data: str, size: int, workers: int, steps: int, out: str) -> float:
+    # One image size at the recipe's batch_size, as the bare step is timed, even where the recipe
+    # trains its small images in larger batches (train_batch_sizes).
+    batch = make_config(recipe).batch_size
     cfg = make_config(
         recipe,
         data=data,
@@ -67,6 +70,7 @@ def pipeline_rate(recipe: str, data: str, size: int, workers: int, steps: int, o
         epochs=2,
         limit_train_batches=steps,
         train_sizes=[[0, size]],
+        train_batch_sizes=[[0, batch]],
         num_workers=workers,
         logger="none",
         max_minutes=None,
