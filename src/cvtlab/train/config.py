@@ -111,6 +111,12 @@ class TrainConfig:
         return d
 
 
+def _phases_in_order(entries: list[list]) -> bool:
+    """A phase schedule's entries start at epoch 0 and their epochs strictly increase."""
+    epochs = [e[0] for e in entries]
+    return bool(entries) and epochs[0] == 0 and epochs == sorted(set(epochs))
+
+
 def _check_train_sizes(value: Any) -> list[list]:
     problem = (
         "train_sizes must be a list of [from_epoch, size] or [from_epoch, size, 'crop'] entries "
@@ -120,11 +126,8 @@ def _check_train_sizes(value: Any) -> list[list]:
         entries = [[int(e[0]), int(e[1]), *e[2:]] for e in value]
     except (TypeError, ValueError, IndexError, KeyError):
         raise CvtLabError(problem) from None
-    epochs = [e[0] for e in entries]
     if (
-        not entries
-        or epochs[0] != 0
-        or epochs != sorted(set(epochs))
+        not _phases_in_order(entries)
         or min(e[1] for e in entries) < 8
         or any(len(e) > 3 or (len(e) == 3 and e[2] not in ("crop", "resize")) for e in entries)
     ):
@@ -141,12 +144,9 @@ def _check_train_batch_sizes(value: Any) -> list[list[int]]:
         entries = [[int(e[0]), int(e[1])] for e in value if len(e) == 2]
     except (TypeError, ValueError, KeyError):
         raise CvtLabError(problem) from None
-    epochs = [e[0] for e in entries]
     if (
-        not entries
+        not _phases_in_order(entries)
         or len(entries) != len(value)
-        or epochs[0] != 0
-        or epochs != sorted(set(epochs))
         or min(e[1] for e in entries) < 1
     ):
         raise CvtLabError(problem)
