@@ -32,6 +32,8 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         make_config(bad)
     with pytest.raises(CvtLabError, match="--precision"):
         make_config(precision="64")
+    with pytest.raises(CvtLabError, match="--lr-decay must be cosine or linear, not 'step'"):
+        make_config(lr_decay="step")
     for sizes in ([[1, 32]], [[0, 64], [0, 32]], [[0, 4]], "32", [[0]], [[0, 32, "zoom"]]):
         with pytest.raises(CvtLabError, match="train_sizes must be"):
             make_config(train_sizes=sizes)
@@ -56,3 +58,20 @@ def test_train_batch_schedule():
     batches = [batch_size_at(schedule, e, 64) for e in (0, 3.99, 4, 9)]
     assert batches == [256, 256, 128, 128]
     assert batch_size_at(None, 4, 64) == 64
+
+
+def test_lr_decays_fall_from_the_peak_to_the_floor_after_warmup():
+    from cvtlab.train.module import warmup_decay
+
+    def rate(step, decay):
+        return warmup_decay(step, warmup=10, total=110, min_ratio=0.01, decay=decay)
+
+    for decay in ("cosine", "linear"):
+        assert [rate(s, decay) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+        assert rate(10, decay) == pytest.approx(1.0)
+        assert rate(110, decay) == rate(500, decay) == pytest.approx(0.01)
+    # Halfway both are at the middle; the line stays higher late in the run, where the
+    # cosine has flattened out near the floor.
+    assert rate(60, "linear") == pytest.approx(rate(60, "cosine")) == pytest.approx(0.505)
+    assert rate(90, "linear") == pytest.approx(0.01 + 0.99 * 0.2)
+    assert rate(100, "linear") > 3 * rate(100, "cosine")

@@ -342,6 +342,7 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
         (["--lr", "0"], ["--lr must be positive"]),
         (["--lr", "-1"], ["--lr must be positive"]),
+        (["--lr-decay", "step"], ["--lr-decay must be cosine or linear, not 'step'"]),
         (["--batch-size", "100000"], ["--batch-size 100000", "500 training images"]),
         (["--model", "cvt_31"], ["unknown model 'cvt_31'"]),
         (["--train-sizes", "0-32"], ["--train-sizes", "'0-32'", "FROM_EPOCH:SIZE"]),
@@ -561,10 +562,11 @@ def test_progressive_resizing_trains_small_then_full_size_and_validates_full_siz
     assert metrics["epochs"] == 2 and np.isfinite(metrics["test_loss"])
 
 
-def test_batch_schedule_trains_larger_batches_while_small(shapes_small, tmp_path):
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_batch_schedule_trains_larger_batches_while_small(shapes_small, tmp_path, decay):
     """train_batch_sizes: epoch 0 draws batches of 100 at 32 px, epoch 1 batches of 50 at 64 px;
-    the schedule counts images, so a step of 100 moves the cosine twice as far as one of 50, and
-    it reaches its end after the epochs' images whatever the batch."""
+    the schedule counts images, so a step of 100 moves the rate's decay (cosine or linear) twice
+    as far as one of 50, and it reaches its end after the epochs' images whatever the batch."""
     import lightning as L
 
     from cvtlab.train.config import make_config
@@ -591,6 +593,7 @@ def test_batch_schedule_trains_larger_batches_while_small(shapes_small, tmp_path
         accelerator="cpu",
         train_sizes=[[0, 32], [1, 64]],
         train_batch_sizes=[[0, 100], [1, 50]],
+        lr_decay=decay,
     )
     metrics = train(cfg, extra_callbacks=[Record()])
     shapes = [s[1:] for s in steps if s[0] == "shape"]
@@ -605,7 +608,10 @@ def test_batch_schedule_trains_larger_batches_while_small(shapes_small, tmp_path
     for i, (e, lr) in enumerate(rates):
         # Position in steps of 50 images: two per 100-image step.
         done = 2 * i if e == 0 else 2 * (n_train // 100) + (i - n_train // 100)
-        expected = peak * 0.5 * (1 + np.cos(np.pi * done / total))
+        falling = (
+            0.5 * (1 + np.cos(np.pi * done / total)) if decay == "cosine" else 1 - done / total
+        )
+        expected = peak * falling
         assert lr == pytest.approx(expected, rel=1e-6), (i, e)
     history = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
     assert len(history) == 2 and all(row.split(",")[6] for row in history)  # validated each epoch

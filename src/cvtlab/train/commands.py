@@ -21,6 +21,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lr", type=float, help="peak learning rate at batch size 512 (scaled linearly)"
     )
+    p.add_argument(
+        "--lr-decay", help="cosine or linear: the rate's fall after warmup to min_lr_ratio"
+    )
     p.add_argument("--out", help="output folder of the run")
     p.add_argument("--seed", type=int)
     p.add_argument(
@@ -84,6 +87,7 @@ _FLAG_KEYS = [
     "epochs",
     "batch_size",
     "lr",
+    "lr_decay",
     "out",
     "seed",
     "pretrained",

@@ -31,6 +31,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 5.0
     min_lr_ratio: float = 0.01
+    lr_decay: str = "cosine"  # after warmup, down to min_lr_ratio: "cosine" or "linear"
     grad_clip: float | None = 5.0
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0 turns the weight EMA off
@@ -85,6 +86,8 @@ class TrainConfig:
             raise CvtLabError(
                 f"--precision must be 32, bf16-mixed or 16-mixed, not {self.precision!r}"
             )
+        if self.lr_decay not in ("cosine", "linear"):
+            raise CvtLabError(f"--lr-decay must be cosine or linear, not {self.lr_decay!r}")
         if self.logger not in ("csv", "tensorboard", "wandb", "none"):
             raise CvtLabError(
                 f"--logger must be csv, tensorboard, wandb or none, not {self.logger!r}"

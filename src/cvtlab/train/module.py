@@ -37,12 +37,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def warmup_cosine(step: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine down to ``min_ratio``."""
+def warmup_decay(
+    step: float, warmup: int, total: int, min_ratio: float, decay: str = "cosine"
+) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then down to ``min_ratio`` at ``total``
+    along a half cosine or a straight line."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    falling = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * falling
 
 
 class CvTClassifier(L.LightningModule):
@@ -57,6 +61,7 @@ class CvTClassifier(L.LightningModule):
         warmup_steps: int = 0,
         total_steps: int = 1,
         min_lr_ratio: float = 0.01,
+        lr_decay: str = "cosine",
         label_smoothing: float = 0.1,
         ema_decay: float = 0.0,
         augment: dict | None = None,
@@ -314,7 +319,9 @@ class CvTClassifier(L.LightningModule):
             # that steps of a larger batch move the schedule further.
             done = self.trained_steps()
             position = done if done < hp.warmup_steps else self.schedule_step(done)
-            return warmup_cosine(position, hp.warmup_steps, hp.total_steps, hp.min_lr_ratio)
+            return warmup_decay(
+                position, hp.warmup_steps, hp.total_steps, hp.min_lr_ratio, hp.lr_decay
+            )
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -195,6 +195,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
         total_steps=cfg.epochs * steps_per_epoch,
         min_lr_ratio=cfg.min_lr_ratio,
+        lr_decay=cfg.lr_decay,
         label_smoothing=cfg.label_smoothing,
         ema_decay=cfg.ema_decay,
         augment=cfg.to_dict()["augment"] | {"label_smoothing": cfg.label_smoothing},
