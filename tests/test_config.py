@@ -32,6 +32,8 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         make_config(bad)
     with pytest.raises(CvtLabError, match="--precision"):
         make_config(precision="64")
+    with pytest.raises(CvtLabError, match="--matmul-precision must be highest, high or medium"):
+        make_config(matmul_precision="tf32")
     with pytest.raises(CvtLabError, match="--lr-decay must be cosine or linear, not 'step'"):
         make_config(lr_decay="step")
     for sizes in ([[1, 32]], [[0, 64], [0, 32]], [[0, 4]], "32", [[0]], [[0, 32, "zoom"]]):

@@ -486,6 +486,29 @@ def test_tensorboard_logger_needs_no_account(shapes_small, tmp_path):
     assert list((out / "logs").glob("events.out.tfevents.*"))
 
 
+def test_matmul_precision_is_applied_and_recorded(shapes_small, tmp_path):
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+
+    before = torch.get_float32_matmul_precision()
+    cfg = make_config(
+        recipe(tmp_path, limit_train_batches=2, ckpt_every_n_steps=0),
+        data=str(shapes_small),
+        out=str(tmp_path / "run"),
+        model="cvt_seed",
+        epochs=1,
+        accelerator="cpu",
+        matmul_precision="high",
+    )
+    try:
+        torch.set_float32_matmul_precision("highest")
+        train(cfg)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert make_config(tmp_path / "run" / "config.yaml").matmul_precision == "high"
+
+
 @pytest.mark.slow
 def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_path):
     # The official ImageNet file cannot be downloaded here: a CvT-13 state dict saved with the

@@ -34,6 +34,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-nodes", type=int)
     p.add_argument("--strategy", help="auto, ddp, …")
     p.add_argument("--precision", help="32, bf16-mixed or 16-mixed")
+    p.add_argument(
+        "--matmul-precision",
+        help="fp32 matrix products: highest, or high to allow TF32 tensor cores on a GPU",
+    )
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
     p.add_argument("--logger", help="csv, tensorboard, wandb or none")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
@@ -96,6 +100,7 @@ _FLAG_KEYS = [
     "num_nodes",
     "strategy",
     "precision",
+    "matmul_precision",
     "resume",
     "logger",
     "max_minutes",

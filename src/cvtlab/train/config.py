@@ -53,6 +53,8 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32"
+    # fp32 matrix products: "high" lets a GPU run them on TF32 tensor cores (None: torch's default)
+    matmul_precision: str | None = None
     compile: bool = False
     channels_last: bool = False
     num_workers: int = 0
@@ -85,6 +87,10 @@ class TrainConfig:
         if self.precision not in ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true"):
             raise CvtLabError(
                 f"--precision must be 32, bf16-mixed or 16-mixed, not {self.precision!r}"
+            )
+        if self.matmul_precision not in (None, "highest", "high", "medium"):
+            raise CvtLabError(
+                f"--matmul-precision must be highest, high or medium, not {self.matmul_precision!r}"
             )
         if self.lr_decay not in ("cosine", "linear"):
             raise CvtLabError(f"--lr-decay must be cosine or linear, not {self.lr_decay!r}")

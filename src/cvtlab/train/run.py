@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from ..data.datamodule import ImageDataModule
@@ -144,6 +145,8 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         _check_out(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
     img_size = cfg.img_size or get_config(cfg.model).img_size
     dm = ImageDataModule(
         resolve_data(cfg.data),
