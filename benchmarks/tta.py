@@ -6,8 +6,10 @@ the test top-1 with flip test-time augmentation (``cvtlab eval --flip``) beside 
     python benchmarks/tta.py --config tiny_imagenet_scratch --minutes 10 --fit-epochs   # on a GPU
 
 ``--fit-epochs`` first times 40 training steps and sets the number of epochs so that the
-schedule (warmup + cosine) ends inside the budget. Writes
-benchmarks/results/tta-<recipe>-<machine>.json.
+schedule (warmup + cosine) ends inside the budget. ``--deadline S`` ends the whole run, tests
+included, within S seconds of the script's start where an outer limit (a lent machine's call
+limit) would kill it: once the data is decoded, the training budget shrinks to what is left
+less ``--reserve`` seconds for the tests. Writes benchmarks/results/tta-<recipe>-<machine>.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+STARTED = time.time()  # before torch is imported: --deadline counts from here
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TINY_ZIP, write_result  # noqa: E402
@@ -54,6 +58,23 @@ def train_images(recipe: str, data: str) -> int:
     return len(plan_splits(decoded, cfg.val_per_class, cfg.seed)["train"])
 
 
+def fit_to_deadline(args: argparse.Namespace, decode) -> float:
+    """The training budget in minutes: --minutes, or less where --deadline would be passed.
+    ``decode(config, data)`` runs first, so that decoding the zip is paid for before the budget
+    is set."""
+    decode(args.config, args.data)
+    left = args.deadline - (time.time() - STARTED) - args.reserve
+    if left < 30:
+        sys.exit(
+            f"--deadline {args.deadline:g}: only {max(left, 0):.0f} s would be left for training "
+            f"after decoding and --reserve {args.reserve:g}"
+        )
+    minutes = min(args.minutes, left / 60)
+    if minutes < args.minutes:
+        print(f"--deadline {args.deadline:g}: training budget {minutes:.2f} min")
+    return minutes
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -62,19 +83,26 @@ def main(argv=None) -> dict:
     p.add_argument("--fit-epochs", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds from the start within which training and the tests must end",
+    )
+    p.add_argument(
+        "--reserve", type=float, default=60.0, help="seconds kept for the tests (--deadline)"
+    )
     args = p.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="tta-")
     flags = {}
+    minutes = args.minutes
+    if args.deadline:
+        minutes = fit_to_deadline(args, train_images)
     if args.fit_epochs:
         rate = images_per_second(args.config, args.data)
         per_epoch = train_images(args.config, args.data) / rate + 3  # + validation, roughly
-        flags["epochs"] = max(1, int(args.minutes * 60 * 0.97 // per_epoch))
-        print(
-            f"measured {rate:.0f} train images/s → {flags['epochs']} epochs in {args.minutes} min"
-        )
-    cfg = make_config(
-        args.config, data=args.data, out=f"{out}/run", max_minutes=args.minutes, **flags
-    )
+        flags["epochs"] = max(1, int(minutes * 60 * 0.97 // per_epoch))
+        print(f"measured {rate:.0f} train images/s → {flags['epochs']} epochs in {minutes} min")
+    cfg = make_config(args.config, data=args.data, out=f"{out}/run", max_minutes=minutes, **flags)
     start = time.time()
     metrics = train(cfg)
     rows = json.loads(json.dumps(metrics))
@@ -94,7 +122,7 @@ def main(argv=None) -> dict:
             )
     result = {
         "recipe": args.config,
-        "budget_minutes": args.minutes,
+        "budget_minutes": minutes,
         "config": cfg.to_dict(),
         "metrics": rows,
         "curve": curve,

@@ -2,6 +2,7 @@
 speed is measured in benchmarks/, never asserted in tests)."""
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,34 @@ def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
             str(shapes_small),
             "--minutes",
             "0.2",
+            "--deadline",
+            "600",
             "--out",
             str(tmp_path),
             "--no-write",
         ]
     )
+    assert result["budget_minutes"] == 0.2  # a distant deadline leaves --minutes as it is
     assert 0.0 <= result["metrics"]["test_top1"] <= 1.0
     assert result["curve"] and result["curve"][0]["elapsed_s"] > 0
+
+
+def test_tta_deadline_shrinks_the_budget_to_leave_time_for_the_tests(shapes_small, monkeypatch):
+    import argparse
+
+    import tta
+
+    args = argparse.Namespace(
+        config="demo", data=str(shapes_small), minutes=10.0, deadline=200.0, reserve=40.0
+    )
+    monkeypatch.setattr(tta, "STARTED", time.time() - 100)  # 100 s already spent
+    minutes = tta.fit_to_deadline(args, tta.train_images)
+    assert 0.5 < minutes < 1.0  # 200 - 100 - 40 s, less the decoding
+    args.minutes = 0.5
+    assert tta.fit_to_deadline(args, tta.train_images) == 0.5  # --minutes is the upper bound
+    args.deadline = 150.0  # 150 - 100 - 40 = 10 s: too little to train
+    with pytest.raises(SystemExit, match="--deadline 150: only"):
+        tta.fit_to_deadline(args, tta.train_images)
 
 
 def test_pipeline_benchmark_runs():
