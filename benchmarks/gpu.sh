@@ -6,7 +6,9 @@
 # in parts as .stage/tiny-imagenet-200.zip.part* (ignored by git; `split -n 4` of the zip, sent
 # one part per call, each call copying it to /tmp/stage); otherwise time-to-accuracy is
 # skipped and only throughput is measured.
-# FIT_EPOCHS=0 keeps the recipe's epochs instead of fitting them to TTA_MINUTES with a probe.
+# Time-to-accuracy trains for TTA_MINUTES (default 10, the goal's budget), less where the run,
+# tests included, would not end inside TTA_TIMEOUT seconds (default 540). FIT_EPOCHS=1 fits the
+# recipe's epochs to the budget with a probe first (for recipes without budget_schedule).
 # Optional wheels (vit-pytorch) travel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +40,8 @@ if [ -n "$DATA" ] && [ "${SKIP_TTA:-0}" != 1 ]; then
   # timeout before its test leaves no figure, so the training budget shrinks to fit.
   TTA_TIMEOUT=${TTA_TIMEOUT:-540}
   timeout "$TTA_TIMEOUT" python3 benchmarks/tta.py --config tiny_imagenet_scratch --data "$DATA" \
-    --minutes "${TTA_MINUTES:-7}" --deadline $((TTA_TIMEOUT - 10)) \
-    $([ "${FIT_EPOCHS:-1}" = 1 ] && echo --fit-epochs) --out /tmp/tta 2>&1 | grep -vE "Warning|it/s\]" | tail -40 | tee "$OUT/tta.log"
+    --minutes "${TTA_MINUTES:-10}" --deadline $((TTA_TIMEOUT - 10)) \
+    $([ "${FIT_EPOCHS:-0}" = 1 ] && echo --fit-epochs) --out /tmp/tta 2>&1 | tr "\r" "\n" | grep -vE "Warning|it/s|^\s*$" | tail -40 | tee "$OUT/tta.log"
   # Only this run's result (older ones in the tree would use up the files a call returns), and
   # the run's own metrics.json, which holds the test figure even if the flip-averaged one is cut.
   find benchmarks/results -name 'tta-*-gpu-*.json' -newer "$OUT/gpu.txt" -exec cp {} "$OUT/" \;

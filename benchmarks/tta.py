@@ -95,10 +95,11 @@ def main(argv=None) -> dict:
     out = args.out or tempfile.mkdtemp(prefix="tta-")
     flags = {}
     minutes = args.minutes
+    # The probe runs before the deadline sets the budget, so that its time is counted too.
+    rate = images_per_second(args.config, args.data) if args.fit_epochs else None
     if args.deadline:
         minutes = fit_to_deadline(args, train_images)
-    if args.fit_epochs:
-        rate = images_per_second(args.config, args.data)
+    if rate is not None:
         per_epoch = train_images(args.config, args.data) / rate + 3  # + validation, roughly
         flags["epochs"] = max(1, int(minutes * 60 * 0.97 // per_epoch))
         print(f"measured {rate:.0f} train images/s → {flags['epochs']} epochs in {minutes} min")
