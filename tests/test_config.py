@@ -36,6 +36,18 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         make_config(matmul_precision="tf32")
     with pytest.raises(CvtLabError, match="--lr-decay must be cosine or linear, not 'step'"):
         make_config(lr_decay="step")
+    for key, value, message in [
+        ("weight_decay", -0.1, "--weight-decay must be 0 or more, got -0.1"),
+        ("ema_decay", 1.0, r"--ema-decay must be in \[0, 1\) \(0: no EMA\), got 1.0"),
+        ("ema_decay", -0.5, "--ema-decay must be in"),
+        ("label_smoothing", 1.0, r"--label-smoothing must be in \[0, 1\), got 1.0"),
+        ("warmup_epochs", -1, "--warmup-epochs must be 0 or more, got -1"),
+        ("min_lr_ratio", 2, r"min_lr_ratio must be in \[0, 1\], got 2"),
+        ("grad_clip", 0, "grad_clip must be positive"),
+    ]:
+        with pytest.raises(CvtLabError, match=message):
+            make_config(**{key: value})
+    assert make_config(ema_decay=0.999, weight_decay=0.0, grad_clip=None).ema_decay == 0.999
     for sizes in ([[1, 32]], [[0, 64], [0, 32]], [[0, 4]], "32", [[0]], [[0, 32, "zoom"]]):
         with pytest.raises(CvtLabError, match="train_sizes must be"):
             make_config(train_sizes=sizes)

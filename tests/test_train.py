@@ -104,6 +104,43 @@ def test_eval_reproduces_the_runs_test_top1(trained):
     assert len(e["per_class"]) == 10 and all(0 <= v <= 1 for v in e["per_class"].values())
 
 
+def test_ema_run_validates_tests_and_serves_the_averaged_weights(shapes_small, tmp_path):
+    """--ema-decay keeps an EMA of the weights: validation reports both, the test and every
+    later command use the EMA; the recipe flags land in the run's config."""
+    from safetensors.torch import load_file
+
+    from cvtlab.inference import load_predictor
+
+    out = tmp_path / "ema"
+    flags = ["--ema-decay", "0.9", "--weight-decay", "0.01", "--label-smoothing", "0.05"]
+    r = run_cli_here(
+        "train", "--config", recipe(tmp_path), "--data", str(shapes_small), "--epochs", "2",
+        "--out", str(out), "--warmup-epochs", "0.25", *flags, *FAST,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    keys = ("ema_decay", "weight_decay", "label_smoothing", "warmup_epochs")
+    assert [saved[k] for k in keys] == [0.9, 0.01, 0.05, 0.25]
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val_top1" in header and "val_top1_raw" in header
+
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    ema = {k[len("ema.module.") :]: v for k, v in state.items() if k.startswith("ema.module.")}
+    raw = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+
+    served = load_predictor(out / "checkpoints" / "last.ckpt").model.state_dict()
+    assert all(torch.equal(served[k], ema[k]) for k in served)
+    assert run_cli_here(
+        "export", "--checkpoint", str(out / "checkpoints" / "last.ckpt"), "--format",
+        "safetensors", "--out", str(tmp_path / "ema.safetensors"),
+    ).returncode == 0  # fmt: skip
+    exported = load_file(str(tmp_path / "ema.safetensors"))
+    assert all(torch.equal(exported[k], ema[k]) for k in exported)
+
+
 def test_eval_in_bf16_keeps_the_accuracy(trained):
     out, _ = trained
     ckpt = str(out / "checkpoints" / "best.ckpt")

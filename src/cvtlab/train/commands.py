@@ -24,6 +24,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lr-decay", help="cosine or linear: the rate's fall after warmup to min_lr_ratio"
     )
+    p.add_argument("--warmup-epochs", type=float, help="epochs of linear warmup to the peak rate")
+    p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay")
+    p.add_argument("--label-smoothing", type=float, help="0 turns it off")
+    p.add_argument("--ema-decay", type=float, help="decay of the weight EMA, e.g. 0.999 (0: off)")
     p.add_argument("--out", help="output folder of the run")
     p.add_argument("--seed", type=int)
     p.add_argument(
@@ -92,6 +96,10 @@ _FLAG_KEYS = [
     "batch_size",
     "lr",
     "lr_decay",
+    "warmup_epochs",
+    "weight_decay",
+    "label_smoothing",
+    "ema_decay",
     "out",
     "seed",
     "pretrained",

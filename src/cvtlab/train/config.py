@@ -92,6 +92,20 @@ class TrainConfig:
             raise CvtLabError(
                 f"--matmul-precision must be highest, high or medium, not {self.matmul_precision!r}"
             )
+        if self.weight_decay < 0:
+            raise CvtLabError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise CvtLabError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise CvtLabError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0:
+            raise CvtLabError(f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise CvtLabError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise CvtLabError(
+                f"grad_clip must be positive (or null: no clipping), got {self.grad_clip}"
+            )
         if self.lr_decay not in ("cosine", "linear"):
             raise CvtLabError(f"--lr-decay must be cosine or linear, not {self.lr_decay!r}")
         if self.logger not in ("csv", "tensorboard", "wandb", "none"):

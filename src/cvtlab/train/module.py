@@ -87,7 +87,9 @@ class CvTClassifier(L.LightningModule):
             ModelEmaV3(self.model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
         )
         if self.ema is not None:
-            self.ema.requires_grad_(False)
+            # timm leaves its copy in eval mode, which Lightning warns about at the start of
+            # training; the copy never runs a training forward, and evaluation sets eval mode.
+            self.ema.requires_grad_(False).train()
         # Kept out of the module tree, so the state dict holds each weight once.
         self.__dict__["_compiled"] = torch.compile(self.model) if compile else None
         k = self.num_classes
