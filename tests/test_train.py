@@ -833,3 +833,50 @@ def test_budget_schedule_keeps_ddp_replicas_identical(shapes_small, tmp_path):
     # The clock is read every 10 steps, and the switch to 64 px at 85% of the budget is decided by
     # such a reading: once the run reaches it, the last reading is late even if 64-px steps crawl.
     assert lr0 < 0.25 * 8.0e-3 * 25 / 512
+
+
+def test_last_checkpoint_holds_the_final_step_when_the_last_epoch_sets_no_best(tmp_path):
+    """Lightning writes its last.ckpt at an epoch's end only beside a new best; a run whose
+    validation top-1 stops improving must still end with its final weights in last.ckpt."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cvtlab.train.callbacks import EpochHistory
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import build_trainer
+
+    class FlatValidation(L.LightningModule):
+        """Trains a linear layer; its validation top-1 is the same every epoch."""
+
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).square().mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_top1", 0.5)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    # Step checkpoints every 5 steps (5, 10), epochs of 4 steps: the last step, 12, is neither.
+    cfg = make_config(epochs=3, ckpt_every_n_steps=5, accelerator="cpu", devices=1, logger="none")
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=2)
+    module = FlatValidation()
+    trainer = build_trainer(cfg, tmp_path, EpochHistory(tmp_path / "metrics.csv"))
+    trainer.fit(module, data, data)
+    ckpts = tmp_path / "checkpoints"
+    best = torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert best["global_step"] == 4 and trainer.global_step == 12
+    assert last["global_step"] == 12
+    assert torch.equal(last["state_dict"]["layer.weight"], module.layer.weight.detach())
+    assert len(last["callbacks"]["EpochHistory"]["rows"]) == 3  # the last epoch's row is in it
+    # Resuming from it continues with the next epoch, not the last one again.
+    more = build_trainer(
+        make_config(**{**cfg.to_dict(), "epochs": 4}), tmp_path, EpochHistory(tmp_path / "m.csv")
+    )
+    more.fit(FlatValidation(), data, data, ckpt_path=str(ckpts / "last.ckpt"))
+    assert more.global_step == 16

@@ -41,6 +41,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class LastCheckpoint(Checkpoint):
+    """Writes ``last.ckpt`` after every epoch (its ``metrics.csv`` row included) and when
+    training stops, unless that step is already saved. Lightning's ``ModelCheckpoint`` writes its
+    ``last.ckpt`` at an epoch's end only when the monitored metric improved, so a run whose last
+    epoch set no best, or that its time budget stopped, would end with an older one. (A
+    ``Checkpoint`` subclass, listed after :class:`EpochHistory`, so Lightning runs it after
+    the epoch's row is kept.)"""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self._saved_step: int | None = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.sanity_checking or trainer.global_step == self._saved_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+
 class EpochHistory(Checkpoint):
     """One row per epoch in ``metrics.csv``, rewritten whole each epoch and kept in the
     checkpoint so a resumed run continues the same file. (A ``Checkpoint`` subclass so that

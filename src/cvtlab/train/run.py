@@ -19,7 +19,7 @@ from ..errors import CvtLabError
 from ..models.cvt import check_img_size
 from ..models.pretrained import load_pretrained_into
 from ..models.registry import get_config
-from .callbacks import AtomicCheckpointIO, EpochHistory
+from .callbacks import AtomicCheckpointIO, EpochHistory, LastCheckpoint
 from .config import TrainConfig, make_config, save_config
 from .module import CvTClassifier
 
@@ -102,9 +102,9 @@ def build_trainer(
         monitor="val_top1",
         mode="max",
         save_top_k=1,
-        save_last=True,  # last.ckpt also at every epoch's end, not only every N steps
         enable_version_counter=False,
     )
+    epoch_end = LastCheckpoint(ckpt_dir / "last.ckpt")  # and every epoch's end, and the last step
     devices = cfg.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
@@ -118,7 +118,14 @@ def build_trainer(
         strategy=cfg.strategy,
         precision=cfg.precision,
         gradient_clip_val=cfg.grad_clip,
-        callbacks=[history, last, best, TQDMProgressBar(refresh_rate=10), *extra_callbacks],
+        callbacks=[
+            history,
+            last,
+            best,
+            epoch_end,
+            TQDMProgressBar(refresh_rate=10),
+            *extra_callbacks,
+        ],
         logger=_logger(cfg, out),
         default_root_dir=out,
         use_distributed_sampler=False,
