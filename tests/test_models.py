@@ -77,40 +77,6 @@ def test_act_layer_choice_and_default():
         cvtlab.create_model("cvt_xs_64", act_layer="relu6")
 
 
-def test_conv3x3_stem_reaches_the_same_token_grid_through_small_convolutions():
-    official = cvtlab.create_model("cvt_xs_64")
-    model = cvtlab.create_model("cvt_xs_64", stem="conv3x3")
-    convs = [m for m in model.stage0.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
-    # Stride 4 is two 3x3 stride-2 convolutions, halfway in width, with BatchNorm and the
-    # model's activation between them and nothing after the last.
-    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
-        (3, 32, (3, 3), (2, 2)),
-        (32, 64, (3, 3), (2, 2)),
-    ]
-    assert isinstance(model.stage0.patch_embed.proj[2], torch.nn.GELU)
-    assert model.cfg.to_dict()["stem"] == "conv3x3" and official.cfg.stem == "conv"
-    assert cvtlab.CvTConfig.from_dict(model.cfg.to_dict()) == model.cfg
-    # The later stages are untouched: only the first embedding's parameters differ.
-    differ = set(model.state_dict()) ^ set(official.state_dict())
-    assert differ and all(k.startswith("stage0.patch_embed.proj") for k in differ)
-    model.eval()
-    for size in (32, 64):
-        grid = model.stage0(torch.randn(2, 3, size, size))[0].shape
-        assert grid == official.stage0(torch.randn(2, 3, size, size))[0].shape
-        assert model(torch.randn(2, 3, size, size)).shape == (2, 200)
-    # It learns: the stem's first convolution gets a gradient through the BatchNorm.
-    model.train()
-    model(torch.randn(4, 3, 64, 64)).logsumexp(1).mean().backward()
-    assert convs[0].weight.grad.abs().sum() > 0
-
-
-def test_stem_choice_is_checked():
-    with pytest.raises(CvtLabError, match="unknown stem 'pixel'.*conv3x3"):
-        cvtlab.create_model("cvt_xs_64", stem="pixel")
-    with pytest.raises(CvtLabError, match="power of 2, got 3"):
-        cvtlab.create_model("cvt_xs_64", stem="conv3x3", patch_strides=(3, 2, 2))
-
-
 def test_stochastic_depth_ramps_linearly_within_the_last_stage():
     model = cvtlab.create_model("cvt_13", drop_path_rate=0.2)
     rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.stage2.blocks]

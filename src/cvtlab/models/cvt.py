@@ -17,9 +17,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..errors import CvtLabError
-from .layers import Block, ConvEmbed, act_layer_from_name, conv3x3_stem
-
-STEMS = ("conv", "conv3x3")
+from .layers import Block, ConvEmbed, act_layer_from_name
 
 
 @dataclass(frozen=True)
@@ -42,9 +40,6 @@ class CvTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     act_layer: str = "quick_gelu"
-    # "conv": the first stage embeds with one strided conv (the official model); "conv3x3":
-    # with a stack of 3×3 stride-2 convs (see layers.conv3x3_stem).
-    stem: str = "conv"
     num_classes: int = 1000
     img_size: int = 224
     in_chans: int = 3
@@ -61,8 +56,6 @@ class CvTConfig:
             if dim % heads:
                 raise CvtLabError(f"stage width {dim} is not divisible by its {heads} heads")
         act_layer_from_name(self.act_layer)
-        if self.stem not in STEMS:
-            raise CvtLabError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
 
     @property
     def total_stride(self) -> int:
@@ -92,15 +85,8 @@ class CvTStage(nn.Module):
         super().__init__()
         dim, depth = cfg.dims[i], cfg.depths[i]
         with_cls = cfg.cls_token and i == len(cfg.dims) - 1
-        stride = cfg.patch_strides[i]
-        stem = i == 0 and cfg.stem == "conv3x3"
-        proj = (
-            conv3x3_stem(in_chans, dim, stride, act_layer_from_name(cfg.act_layer))
-            if stem
-            else None
-        )
         self.patch_embed = ConvEmbed(
-            in_chans, dim, cfg.patch_sizes[i], stride, cfg.patch_paddings[i], proj=proj
+            in_chans, dim, cfg.patch_sizes[i], cfg.patch_strides[i], cfg.patch_paddings[i]
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if with_cls else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)

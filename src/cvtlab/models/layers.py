@@ -7,8 +7,6 @@ checkpoints load without renaming.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -39,50 +37,17 @@ def act_layer_from_name(name: str) -> type[nn.Module]:
 
 class ConvEmbed(nn.Module):
     """Strided convolution → LayerNorm over channels: an image or token map to a smaller,
-    wider token map. Returns tokens (B, H*W, C) and the new map size. ``proj`` replaces the
-    single convolution (see :func:`conv3x3_stem`)."""
+    wider token map. Returns tokens (B, H*W, C) and the new map size."""
 
-    def __init__(
-        self,
-        in_chans: int,
-        dim: int,
-        patch_size: int,
-        stride: int,
-        padding: int,
-        proj: nn.Module | None = None,
-    ):
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int, padding: int):
         super().__init__()
-        self.proj = proj or nn.Conv2d(
-            in_chans, dim, kernel_size=patch_size, stride=stride, padding=padding
-        )
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=stride, padding=padding)
         self.norm = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.proj(x)
         h, w = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), h, w
-
-
-def conv3x3_stem(in_chans: int, dim: int, stride: int, act_layer: type[nn.Module]) -> nn.Sequential:
-    """3×3 stride-2 convolutions (each but the last followed by BatchNorm and the activation)
-    that reach ``stride`` together: the "early convolutions" stem of Xiao et al. (2021). In place
-    of one large strided kernel it gives the first stage a few nonlinear pixel-level layers,
-    which makes small vision transformers train faster and less fussily."""
-    n = round(math.log2(stride))
-    if n < 1 or 2**n != stride:
-        from ..errors import CvtLabError
-
-        raise CvtLabError(
-            f"the conv3x3 stem needs a first stride that is a power of 2, got {stride}"
-        )
-    widths = [in_chans] + [dim // 2 ** (n - i) for i in range(1, n)] + [dim]
-    layers: list[nn.Module] = []
-    for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
-        last = i == n - 1
-        layers.append(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=last))
-        if not last:
-            layers += [nn.BatchNorm2d(cout), act_layer()]
-    return nn.Sequential(*layers)
 
 
 class ConvProjection(nn.Module):
