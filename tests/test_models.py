@@ -4,7 +4,8 @@ import torch
 
 import cvtlab
 from cvtlab import CvtLabError
-from cvtlab.models.layers import QuickGELU
+from cvtlab.models import layers
+from cvtlab.models.layers import ConvAttention, QuickGELU
 
 
 def n_params(model):
@@ -110,3 +111,33 @@ def test_official_state_dict_names():
 def test_attention_uses_full_width_scale():
     attn = cvtlab.create_model("cvt_13").stage1.blocks[0].attn
     assert attn.scale == pytest.approx(192**-0.5)
+
+
+@pytest.mark.parametrize("with_cls_token", [False, True])
+def test_cpu_explicit_attention_matches_sdpa(monkeypatch, with_cls_token):
+    """Small attention on CPU runs as explicit products and a softmax; it must compute what
+    SDPA computes, forward and backward."""
+    torch.manual_seed(0)
+    attn = ConvAttention(64, 4, with_cls_token=with_cls_token).train()
+    x = torch.randn(3, 64 + with_cls_token, 64, requires_grad=True)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(1) or sdpa(*a, **k),
+    )
+
+    def run():
+        out = attn(x, 8, 8)
+        grads = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+        return out, grads
+
+    explicit, explicit_grads = run()
+    assert not calls
+    monkeypatch.setattr(layers, "EXPLICIT_ATTENTION_MAX_SCORES", 0)
+    reference, reference_grads = run()
+    assert calls
+    torch.testing.assert_close(explicit, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(explicit_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

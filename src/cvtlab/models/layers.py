@@ -13,6 +13,13 @@ from einops import rearrange
 from timm.layers import DropPath
 from torch import nn
 
+# On CPUs, attention with at most this many scores per head (queries × keys; every 64-px model
+# here, and the last stage at 224 px) runs faster as two batched products and a softmax, in the
+# products' dtype, than through SDPA's flash kernel: 1.12-1.16x for the 30-minute recipe's
+# training step, 1.07x for CvT-13's bf16 step at 64 px (benchmarks/RESULTS.md, attempt 18).
+# Above it the flash kernel wins, and it never holds the whole score matrix in memory.
+EXPLICIT_ATTENTION_MAX_SCORES = 16384
+
 
 class QuickGELU(nn.Module):
     """The sigmoid approximation of GELU that the official CvT weights were trained with."""
@@ -143,8 +150,8 @@ class ConvAttention(nn.Module):
         grid = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(
             memory_format=torch.channels_last
         )
-        # On CPUs, bf16 depthwise-conv and attention backward kernels are many times slower
-        # than fp32 ones, so under CPU autocast only the matrix products run in bf16.
+        # On CPUs, bf16 depthwise-conv backward kernels (and SDPA's flash backward, below) are
+        # many times slower than fp32 ones, so under CPU autocast those run in fp32.
         with _fp32_on_cpu(x) as fp32:
             if fp32:
                 grid = grid.float()
@@ -165,10 +172,13 @@ class ConvAttention(nn.Module):
             for lin, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
         )
         drop = self.attn_drop if self.training else 0.0
-        with _fp32_on_cpu(x) as fp32:
-            if fp32:
-                q, k, v = q.float(), k.float(), v.float()
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        if x.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= EXPLICIT_ATTENTION_MAX_SCORES:
+            out = F.dropout((q @ k.transpose(-2, -1) * self.scale).softmax(-1), drop) @ v
+        else:
+            with _fp32_on_cpu(x) as fp32:
+                if fp32:
+                    q, k, v = q.float(), k.float(), v.float()
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
 
