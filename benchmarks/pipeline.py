@@ -26,6 +26,7 @@ from common import make_train_step, median, write_result  # noqa: E402
 from cvtlab.data.synthetic import make_synthetic_tiny_imagenet  # noqa: E402
 from cvtlab.models.registry import create_model  # noqa: E402
 from cvtlab.train.config import make_config  # noqa: E402
+from cvtlab.train.precision import resolve_precision  # noqa: E402
 from cvtlab.train.run import train  # noqa: E402
 
 
@@ -37,7 +38,12 @@ def model_step_rate(
     net = torch.compile(model) if compile else model
     x = torch.randn(batch_size, 3, size, size, device=device)
     y = torch.randint(0, 200, (batch_size,), device=device)
-    amp = torch.bfloat16 if cfg.precision.startswith("bf16") else None
+    precision, _ = resolve_precision(cfg.precision, "cuda" if device == "cuda" else "cpu")
+    amp = {
+        "bf16-mixed": torch.bfloat16,
+        "bf16-true": torch.bfloat16,
+        "16-mixed": torch.float16,
+    }.get(precision)
     step = make_train_step(net, model, x, y, amp)
 
     def sync():

@@ -30,8 +30,9 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
     bad.write_text("augment:\n  sharpen: 3\n")
     with pytest.raises(CvtLabError, match="unknown augment key"):
         make_config(bad)
-    with pytest.raises(CvtLabError, match="--precision"):
+    with pytest.raises(CvtLabError, match="--precision must be 32, bf16-mixed, 16-mixed or auto"):
         make_config(precision="64")
+    assert make_config(precision="auto").precision == "auto"
     with pytest.raises(CvtLabError, match="--matmul-precision must be highest, high or medium"):
         make_config(matmul_precision="tf32")
     with pytest.raises(CvtLabError, match="--lr-decay must be cosine or linear, not 'step'"):

@@ -523,9 +523,12 @@ def test_tensorboard_logger_needs_no_account(shapes_small, tmp_path):
     assert list((out / "logs").glob("events.out.tfevents.*"))
 
 
-def test_matmul_precision_is_applied_and_recorded(shapes_small, tmp_path):
+def test_matmul_precision_is_applied_and_recorded(shapes_small, tmp_path, monkeypatch):
     from cvtlab.train.config import make_config
+    from cvtlab.train.precision import choose_cpu_precision, product_rates
     from cvtlab.train.run import train
+
+    monkeypatch.delenv("CVTLAB_AUTO_PRECISION", raising=False)
 
     before = torch.get_float32_matmul_precision()
     cfg = make_config(
@@ -536,14 +539,23 @@ def test_matmul_precision_is_applied_and_recorded(shapes_small, tmp_path):
         epochs=1,
         accelerator="cpu",
         matmul_precision="high",
+        precision="auto",
     )
     try:
         torch.set_float32_matmul_precision("highest")
-        train(cfg)
+        metrics = train(cfg)
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
-    assert make_config(tmp_path / "run" / "config.yaml").matmul_precision == "high"
+    saved = make_config(tmp_path / "run" / "config.yaml")
+    assert saved.matmul_precision == "high" and saved.precision == "auto"
+    # The run records what `auto` became on this machine: what a fresh measurement picks, unless
+    # this CPU's two rates sit so close to the bound that the two measurements may disagree.
+    rates = product_rates()
+    fp32, bf16 = rates[torch.float32], rates[torch.bfloat16]
+    assert metrics["precision"] in ("32", "bf16-mixed")
+    if not 1.1 < bf16 / fp32 < 1.5:
+        assert metrics["precision"] == choose_cpu_precision(fp32, bf16)
 
 
 @pytest.mark.slow

@@ -37,7 +37,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerator", help="cpu, gpu, auto, …")
     p.add_argument("--num-nodes", type=int)
     p.add_argument("--strategy", help="auto, ddp, …")
-    p.add_argument("--precision", help="32, bf16-mixed or 16-mixed")
+    p.add_argument(
+        "--precision", help="32, bf16-mixed, 16-mixed, or auto (the fastest on this machine)"
+    )
     p.add_argument(
         "--matmul-precision",
         help="fp32 matrix products: highest, or high to allow TF32 tensor cores on a GPU",

@@ -22,6 +22,7 @@ from ..models.registry import get_config
 from .callbacks import AtomicCheckpointIO, EpochHistory, LastCheckpoint
 from .config import TrainConfig, make_config, save_config
 from .module import CvTClassifier
+from .precision import resolve_precision
 
 
 def _quiet_lightning() -> None:
@@ -85,7 +86,11 @@ def configure_from_cli(recipe: str | None, flags: dict) -> TrainConfig:
 
 
 def build_trainer(
-    cfg: TrainConfig, out: Path, history: EpochHistory, extra_callbacks=()
+    cfg: TrainConfig,
+    out: Path,
+    history: EpochHistory,
+    extra_callbacks=(),
+    precision: str | None = None,
 ) -> L.Trainer:
     ckpt_dir = out / "checkpoints"
     last = ModelCheckpoint(
@@ -116,7 +121,7 @@ def build_trainer(
         devices=devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=cfg.precision,
+        precision=precision or cfg.precision,
         gradient_clip_val=cfg.grad_clip,
         callbacks=[
             history,
@@ -167,7 +172,10 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     dm.prepare_data()
     dm.setup()
     history = EpochHistory(out / "metrics.csv")
-    trainer = build_trainer(cfg, out, history, extra_callbacks)
+    precision, why = resolve_precision(cfg.precision, cfg.accelerator)
+    if first and cfg.precision == "auto":
+        print(f"precision {precision} ({why})", flush=True)
+    trainer = build_trainer(cfg, out, history, extra_callbacks, precision)
     if first and not cfg.resume:
         save_config(cfg, out / "config.yaml")
 
@@ -238,6 +246,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     results = trainer.test(module, datamodule=dm, ckpt_path=test_ckpt, verbose=False)[0]
     history.rows = rows
     metrics = _summarise(cfg, rows, results, test_ckpt, trainer.world_size)
+    metrics["precision"] = precision
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         from .reporting import write_report

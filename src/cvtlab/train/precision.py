@@ -1,0 +1,77 @@
+"""``precision: auto``: pick the training precision that runs fastest on this machine.
+
+bf16 autocast pays off only where the hardware multiplies bf16 faster than fp32. On CPUs that
+differs from machine to machine: with AMX, bf16 products ran 6.4x the fp32 rate; on an AMD Zen 4
+(AVX-512 bf16 dot products) 2.2x; on an Intel Xeon whose AMX the hypervisor hides, 0.55x, where
+the 30-minute recipe's bf16 step ran 0.72x its fp32 step (benchmarks/RESULTS.md). So on a CPU
+``auto`` times one product in each dtype and chooses.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+# bf16 autocast adds casts and keeps some ops in fp32, so its products must be clearly faster
+# before the step is: the machines measured sit at 0.55x, 2.2x and 6.4x.
+BF16_MIN_SPEEDUP = 1.3
+# Lightning starts DDP's other processes on a machine by re-running the command; they inherit
+# the first process's environment, and with it its choice, so they all train in one precision.
+_ENV = "CVTLAB_AUTO_PRECISION"
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def product_rates(n: int = 1024, rounds: int = 7) -> dict[torch.dtype, float]:
+    """Median GFLOP/s of an n × n matrix product in fp32 and in bf16 on the CPU, timed in
+    alternation so that a change in the machine's speed touches both alike (0.1-0.3 s)."""
+    pairs = {dt: (torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)) for dt in _DTYPES}
+    for a, b in pairs.values():  # warm-up: the first calls pick and prepare the kernels
+        a @ b
+        a @ b
+    times: dict[torch.dtype, list[float]] = {dt: [] for dt in _DTYPES}
+    for _ in range(rounds):
+        for dt, (a, b) in pairs.items():
+            t = time.perf_counter()
+            a @ b
+            times[dt].append(time.perf_counter() - t)
+    return {dt: 2 * n**3 / statistics.median(ts) / 1e9 for dt, ts in times.items()}
+
+
+def choose_cpu_precision(fp32_rate: float, bf16_rate: float) -> str:
+    """``bf16-mixed`` where bf16 products run at least ``BF16_MIN_SPEEDUP`` × fp32's, else ``32``."""
+    return "bf16-mixed" if bf16_rate >= BF16_MIN_SPEEDUP * fp32_rate else "32"
+
+
+def _on_cuda(accelerator: str) -> bool:
+    if accelerator in ("gpu", "cuda"):
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> tuple[str, str]:
+    """The Lightning precision to train with, and why: ``precision`` itself unless it is
+    ``auto``. On a GPU ``auto`` is ``bf16-mixed`` where the card supports bf16, else
+    ``16-mixed``; on a CPU it follows the measured product rates (``choose_cpu_precision``)."""
+    if precision != "auto":
+        return precision, "as configured"
+    inherited = os.environ.get(_ENV)
+    if inherited and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return inherited, "auto, chosen by the run's first process"
+    if _on_cuda(accelerator):
+        chosen = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        reason = f"auto on {torch.cuda.get_device_name(0)}"
+    elif accelerator in ("cpu", "auto"):
+        rates = product_rates()
+        fp32, bf16 = rates[torch.float32], rates[torch.bfloat16]
+        chosen = choose_cpu_precision(fp32, bf16)
+        reason = f"auto: bf16 products at {bf16 / fp32:.2f}x the fp32 rate on this CPU"
+    else:  # Apple's MPS and other backends: no measurement here, so the safe choice
+        chosen, reason = "32", f"auto on accelerator {accelerator!r}"
+    os.environ[_ENV] = chosen
+    return chosen, reason
+
+
+__all__ = ["BF16_MIN_SPEEDUP", "choose_cpu_precision", "product_rates", "resolve_precision"]
