@@ -149,8 +149,12 @@ def test_eval_in_bf16_keeps_the_accuracy(trained):
     e = json.loads(r.stdout)
     m = json.loads((out / "metrics.json").read_text())
     assert e["precision"] == "bf16" and abs(e["top1"] - m["test_top1"]) <= 0.02
+    auto = run_cli("eval", "--checkpoint", ckpt, "--precision", "auto", "--format", "json")
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    a = json.loads(auto.stdout)  # names what `auto` chose on this CPU
+    assert a["precision"] in ("32", "bf16") and abs(a["top1"] - m["test_top1"]) <= 0.02
     bad = run_cli("eval", "--checkpoint", ckpt, "--precision", "fp8")
-    assert bad.returncode != 0 and "--precision must be 32 or bf16, not 'fp8'" in bad.stderr
+    assert bad.returncode != 0 and "--precision must be 32, bf16 or auto, not 'fp8'" in bad.stderr
 
 
 def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(
