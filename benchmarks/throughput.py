@@ -32,6 +32,7 @@ from common import make_train_step, median, timed, write_result  # noqa: E402
 
 import cvtlab  # noqa: E402
 from cvtlab.summary import summarize  # noqa: E402
+from cvtlab.train.precision import choose_cpu_precision  # noqa: E402
 
 
 @dataclass
@@ -347,8 +348,28 @@ def main(argv=None) -> dict:
                 f"{impl:<14} {tr:>11.1f} {ratio_t:>6.2f} {inf:>11.1f} {ratio_i:>6.2f} {gflops:>13.1f} {100 * gflops / peak:>7.1f}%  "
                 f"{mem if mem is not None else float('nan'):>8.2f}  {r.get('note', '')}"
             )
+        ours = {
+            i: r for i, r in res.items() if i.startswith("cvtlab") and "train_images_per_s" in r
+        }
+        if base and len(ours) > 1:
+            best_train = max(ours, key=lambda i: ours[i]["train_vs_transformers"])
+            best_infer = max(ours, key=lambda i: ours[i]["infer_vs_transformers"])
+            results[case.key]["best"] = {"train": best_train, "infer": best_infer}
+            print(
+                f"best setting here: train {best_train} "
+                f"({ours[best_train]['train_vs_transformers']:.2f}×HF), "
+                f"infer {best_infer} ({ours[best_infer]['infer_vs_transformers']:.2f}×HF)"
+            )
+    # What `precision: auto` would train with on this machine, from this run's own rates.
+    auto = (
+        choose_cpu_precision(rates["fp32"], rates["bf16"])
+        if dev == "cpu"
+        else ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed")
+    )
+    print(f"precision auto here: {auto}")
     payload = {
         "device": dev,
+        "auto_precision": auto,
         "matmul_gflops": rates,
         "repeats": args.repeats,
         "cases": results,

@@ -23,6 +23,11 @@ def test_throughput_benchmark_runs_and_reports_ratios():
     for impl in ("cvtlab", "cvtlab-bf16"):
         assert case[impl]["train_images_per_s"] > 0 and case[impl]["infer_images_per_s"] > 0
     assert "cannot express" in payload["cases"]["cvt_seed@64"]["impls"]["transformers"]["note"]
+    best = payload["cases"]["cvt_13@64"]["best"]["train"]
+    assert case[best]["train_vs_transformers"] == max(
+        case[i]["train_vs_transformers"] for i in ("cvtlab", "cvtlab-bf16")
+    )
+    assert payload["auto_precision"] in ("32", "bf16-mixed")
 
 
 def test_throughput_benchmark_compares_the_same_network():
