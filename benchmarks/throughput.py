@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
         ours = {
             i: r for i, r in res.items() if i.startswith("cvtlab") and "train_images_per_s" in r
         }
-        if base and len(ours) > 1:
+        if "train_images_per_s" in base and len(ours) > 1:
             best_train = max(ours, key=lambda i: ours[i]["train_vs_transformers"])
             best_infer = max(ours, key=lambda i: ours[i]["infer_vs_transformers"])
             results[case.key]["best"] = {"train": best_train, "infer": best_infer}
