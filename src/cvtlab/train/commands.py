@@ -169,11 +169,9 @@ def evaluate(
     import torch
 
     if precision == "auto":
-        from .precision import choose_cpu_precision, product_rates
+        from .precision import resolve_precision
 
-        rates = product_rates()
-        mixed = choose_cpu_precision(rates[torch.float32], rates[torch.bfloat16])
-        precision = "bf16" if mixed == "bf16-mixed" else "32"
+        precision = "bf16" if resolve_precision("auto", "cpu")[0] == "bf16-mixed" else "32"
     import torch.nn.functional as F
     from torchmetrics.classification import MulticlassAccuracy
 

@@ -3,7 +3,8 @@
 bf16 autocast pays off only where the hardware multiplies bf16 faster than fp32. On CPUs that
 differs from machine to machine: with AMX, bf16 products ran 6.4x the fp32 rate; on an AMD Zen 4
 (AVX-512 bf16 dot products) 2.2x; on an Intel Xeon whose AMX the hypervisor hides, 0.55x, where
-the 30-minute recipe's bf16 step ran 0.72x its fp32 step (benchmarks/RESULTS.md). So on a CPU
+the 30-minute recipe trained 0.6-0.7x as fast in bf16 as in fp32 and lost four points of top-1
+(benchmarks/RESULTS.md, attempts Z28 and Z29). So on a CPU
 ``auto`` times one product in each dtype and chooses.
 """
 
