@@ -32,7 +32,7 @@ from common import make_train_step, median, timed, write_result  # noqa: E402
 
 import cvtlab  # noqa: E402
 from cvtlab.summary import summarize  # noqa: E402
-from cvtlab.train.precision import choose_cpu_precision  # noqa: E402
+from cvtlab.train.precision import choose_cpu_precision, choose_gpu_precision  # noqa: E402
 
 
 @dataclass
@@ -364,7 +364,7 @@ def main(argv=None) -> dict:
     auto = (
         choose_cpu_precision(rates["fp32"], rates["bf16"])
         if dev == "cpu"
-        else ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed")
+        else choose_gpu_precision()
     )
     print(f"precision auto here: {auto}")
     payload = {

@@ -46,6 +46,11 @@ def choose_cpu_precision(fp32_rate: float, bf16_rate: float) -> str:
     return "bf16-mixed" if bf16_rate >= BF16_MIN_SPEEDUP * fp32_rate else "32"
 
 
+def choose_gpu_precision() -> str:
+    """``bf16-mixed`` where the GPU supports bf16, else ``16-mixed``."""
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
 def _on_cuda(accelerator: str) -> bool:
     if accelerator in ("gpu", "cuda"):
         return True
@@ -62,7 +67,7 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> tuple[str, s
     if inherited and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         return inherited, "auto, chosen by the run's first process"
     if _on_cuda(accelerator):
-        chosen = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        chosen = choose_gpu_precision()
         reason = f"auto on {torch.cuda.get_device_name(0)}"
     elif accelerator in ("cpu", "auto"):
         rates = product_rates()
@@ -75,4 +80,10 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> tuple[str, s
     return chosen, reason
 
 
-__all__ = ["BF16_MIN_SPEEDUP", "choose_cpu_precision", "product_rates", "resolve_precision"]
+__all__ = [
+    "BF16_MIN_SPEEDUP",
+    "choose_cpu_precision",
+    "choose_gpu_precision",
+    "product_rates",
+    "resolve_precision",
+]
