@@ -74,6 +74,10 @@ def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
     assert result["budget_minutes"] == 0.2  # a distant deadline leaves --minutes as it is
     assert 0.0 <= result["metrics"]["test_top1"] <= 1.0
     assert result["curve"] and result["curve"][0]["elapsed_s"] > 0
+    # demo tests its best checkpoint; the last one is scored beside it, named.
+    assert result["metrics"]["test_checkpoint"].endswith("best.ckpt")
+    other = result["metrics"]["test_top1_other_checkpoint"]
+    assert other["checkpoint"] == "last.ckpt" and 0.0 <= other["top1"] <= 1.0
 
 
 def test_tta_deadline_shrinks_the_budget_to_leave_time_for_the_tests(shapes_small, monkeypatch):

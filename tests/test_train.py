@@ -389,6 +389,7 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--train-sizes", "0-32"], ["--train-sizes", "'0-32'", "FROM_EPOCH:SIZE"]),
         (["--train-sizes", "0:96:crop"], ["cannot crop 96 px from 64-px images"]),
         (["--train-sizes", "1:32"], ["train_sizes must be", "starting at epoch 0"]),
+        (["--test-checkpoint", "final"], ["--test-checkpoint", "best or last", "'final'"]),
         (["--train-batch-sizes", "0:big"], ["--train-batch-sizes", "'0:big'", "FROM_EPOCH:BATCH"]),
         (["--train-batch-sizes", "1:256"], ["train_batch_sizes must be", "starting at epoch 0"]),
         (["--train-batch-sizes", "0:600"], ["train_batch_sizes: batch 600", "500 training images"]),
@@ -780,6 +781,7 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
         budget_schedule=True,
         precision="bf16-mixed",
         grad_clip=0.01,
+        test_checkpoint="last",
     )
     metrics = train(cfg, extra_callbacks=[Record()])
     start, peak = seen[0][0], cfg.peak_lr
@@ -794,6 +796,18 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
     # bf16 autocast with the fused AdamW still clips the gradients.
     assert norms and max(norms) <= 0.01 * 1.001
     assert np.isfinite(metrics["test_loss"])
+    # test_checkpoint: last scores the weights at the end of the budget, the annealed ones.
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert metrics["test_checkpoint"] == str(last)
+    assert (
+        torch.load(last, map_location="cpu", weights_only=True)["global_step"] == metrics["steps"]
+    )
+    from cvtlab.train.commands import evaluate
+
+    # (the run tested under bf16 autocast, evaluate in fp32: a prediction may flip)
+    assert evaluate(str(last), str(shapes_small))["top1"] == pytest.approx(
+        metrics["test_top1"], abs=0.02
+    )
     with pytest.raises(cvtlab.CvtLabError, match="max_minutes"):
         make_config(recipe(tmp_path), budget_schedule=True)
 

@@ -53,6 +53,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --max-minutes: fit the lr schedule and train sizes to the time budget",
     )
+    p.add_argument(
+        "--test-checkpoint",
+        help="the checkpoint the test split scores: best (by val_top1, the default) or last",
+    )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument(
         "--limit-train-batches", type=int, help="train on this many batches per epoch (smoke runs)"
@@ -115,6 +119,7 @@ _FLAG_KEYS = [
     "logger",
     "max_minutes",
     "budget_schedule",
+    "test_checkpoint",
     "compile",
     "limit_train_batches",
     "train_sizes",

@@ -66,6 +66,10 @@ class TrainConfig:
     # further along, the steps or the budget's clock, so the schedule is finished when the budget
     # is spent however fast the machine runs; `epochs` becomes an upper bound.
     budget_schedule: bool = False
+    # The checkpoint the test split scores: "best" (highest val_top1) or "last" (the weights at
+    # the end of training). A schedule annealed to a time budget is best read at its end: late
+    # epochs differ by less than a 2,000-image validation split can tell apart.
+    test_checkpoint: str = "best"
     limit_train_batches: int | None = None  # train on only this many batches per epoch (smoke runs)
     resume: bool = False
 
@@ -109,6 +113,10 @@ class TrainConfig:
             )
         if self.lr_decay not in ("cosine", "linear"):
             raise CvtLabError(f"--lr-decay must be cosine or linear, not {self.lr_decay!r}")
+        if self.test_checkpoint not in ("best", "last"):
+            raise CvtLabError(
+                f"--test-checkpoint must be best or last, not {self.test_checkpoint!r}"
+            )
         if self.logger not in ("csv", "tensorboard", "wandb", "none"):
             raise CvtLabError(
                 f"--logger must be csv, tensorboard, wandb or none, not {self.logger!r}"

@@ -144,8 +144,8 @@ def build_trainer(
 
 
 def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
-    """Train, test the best checkpoint on the test split, write ``metrics.json`` and the report;
-    returns the metrics."""
+    """Train, test the best (``test_checkpoint: last``: the last) checkpoint on the test split,
+    write ``metrics.json`` and the report; returns the metrics."""
     _quiet_lightning()
     out = Path(cfg.out)
     # Lightning re-runs this command for the other DDP processes (and the user starts it on
@@ -242,7 +242,8 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     # Testing restores the best checkpoint, callbacks included: keep the full history first.
     rows = list(history.rows)
     best_path = out / "checkpoints" / "best.ckpt"
-    test_ckpt = str(best_path) if best_path.is_file() else str(last)
+    use_best = cfg.test_checkpoint == "best" and best_path.is_file()
+    test_ckpt = str(best_path) if use_best else str(last)
     results = trainer.test(module, datamodule=dm, ckpt_path=test_ckpt, verbose=False)[0]
     history.rows = rows
     metrics = _summarise(cfg, rows, results, test_ckpt, trainer.world_size)
