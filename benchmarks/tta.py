@@ -143,6 +143,9 @@ def main(argv=None) -> dict:
         f"training ({metrics['epochs']} epochs, {metrics['train_images_per_second']:.0f} img/s); "
         f"{rows['test_top1_flip']:.4f} flip-averaged"
     )
+    if "test_top1_other_checkpoint" in rows:
+        other = rows["test_top1_other_checkpoint"]
+        print(f"(for the record, not chosen: {other['checkpoint']} {other['top1']:.4f})")
     if not args.no_write:
         print(write_result(f"tta-{Path(args.config).stem}", result))
     return result
