@@ -96,7 +96,8 @@ def test_run_folder_layout_and_metrics(trained):
 def test_eval_reproduces_the_runs_test_top1(trained):
     out, _ = trained
     m = json.loads((out / "metrics.json").read_text())
-    r = run_cli("eval", "--checkpoint", str(out / "checkpoints" / "best.ckpt"), "--format", "json")
+    # The run folder stands for the checkpoint the run tested (here the best-validating one).
+    r = run_cli("eval", "--checkpoint", str(out), "--format", "json")
     assert r.returncode == 0, r.stderr[-2000:]
     e = json.loads(r.stdout)
     assert e["n"] == 100 and e["split"] == "test"
@@ -805,7 +806,8 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
     from cvtlab.train.commands import evaluate
 
     # (the run tested under bf16 autocast, evaluate in fp32: a prediction may flip)
-    assert evaluate(str(last), str(shapes_small))["top1"] == pytest.approx(
+    # The run folder resolves to last.ckpt, the checkpoint this run tested.
+    assert evaluate(str(tmp_path / "run"), str(shapes_small))["top1"] == pytest.approx(
         metrics["test_top1"], abs=0.02
     )
     with pytest.raises(cvtlab.CvtLabError, match="max_minutes"):
@@ -910,3 +912,30 @@ def test_last_checkpoint_holds_the_final_step_when_the_last_epoch_sets_no_best(t
     )
     more.fit(FlatValidation(), data, data, ckpt_path=str(ckpts / "last.ckpt"))
     assert more.global_step == 16
+
+
+def test_a_run_folder_resolves_to_the_checkpoint_its_test_scored(tmp_path):
+    from cvtlab import CvtLabError
+    from cvtlab.inference import resolve_checkpoint
+
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"x")
+    # Unfinished, no best yet: the last checkpoint.
+    assert resolve_checkpoint(run) == ckpts / "last.ckpt"
+    (ckpts / "best.ckpt").write_bytes(b"x")
+    # Unfinished: the recipe's rule (best by default, last when the recipe says so).
+    assert resolve_checkpoint(run) == ckpts / "best.ckpt"
+    (run / "config.yaml").write_text("test_checkpoint: last\n")
+    assert resolve_checkpoint(run) == ckpts / "last.ckpt"
+    # Finished: what metrics.json names, by file name, so a moved run folder still resolves.
+    elsewhere = "/somewhere/else/checkpoints/best.ckpt"
+    (run / "metrics.json").write_text(json.dumps({"test_checkpoint": elsewhere}))
+    assert resolve_checkpoint(str(run)) == ckpts / "best.ckpt"
+    # Files and folders that are not run folders pass through unchanged.
+    assert resolve_checkpoint(ckpts / "last.ckpt") == ckpts / "last.ckpt"
+    assert resolve_checkpoint(ckpts) == ckpts
+    (ckpts / "best.ckpt").unlink()
+    with pytest.raises(CvtLabError, match=r"run: a run folder without its checkpoint \(.*best"):
+        resolve_checkpoint(run)

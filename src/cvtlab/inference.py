@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,43 @@ def _run_config(checkpoint: Path) -> dict | None:
     return None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A training run's folder → the checkpoint its test scored; any other path unchanged.
+
+    A run folder is one with ``checkpoints/``. Its ``metrics.json`` names the checkpoint that
+    was tested (looked up by file name, so a moved or copied run folder still resolves); a run
+    that has not finished follows its ``config.yaml``: ``best.ckpt`` unless the recipe says
+    ``test_checkpoint: last`` or no best has been written yet, then ``last.ckpt``.
+    """
+    path = Path(path)
+    folder = path / "checkpoints"
+    if not (path.is_dir() and folder.is_dir()):
+        return path
+    tested = None
+    metrics = path / "metrics.json"
+    if metrics.is_file():
+        try:
+            tested = json.loads(metrics.read_text()).get("test_checkpoint")
+        except (OSError, ValueError, AttributeError):
+            tested = None
+    if tested:
+        candidates = [folder / Path(tested).name]
+    else:
+        rule = (_run_config(folder / "last.ckpt") or {}).get("test_checkpoint", "best")
+        candidates = [folder / "last.ckpt"] if rule == "last" else []
+        candidates += [folder / "best.ckpt", folder / "last.ckpt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(dict.fromkeys(c.name for c in candidates))
+    raise CvtLabError(f"{path}: a run folder without its checkpoint (looked for {names})")
+
+
 def load_predictor(checkpoint: str | Path) -> Predictor:
-    """A model in eval mode from a cvtlab ``.ckpt`` (its EMA weights when the run kept an EMA),
-    a cvtlab ``.safetensors`` export, an official ``.pth`` or a Hugging Face folder."""
-    path = Path(checkpoint)
+    """A model in eval mode from a cvtlab ``.ckpt`` or a training run's folder (the checkpoint
+    its test scored; its EMA weights when the run kept an EMA), a cvtlab ``.safetensors``
+    export, an official ``.pth`` or a Hugging Face folder."""
+    path = resolve_checkpoint(checkpoint)
     if path.suffix == ".ckpt":
         from .train.module import load_module
 

@@ -310,13 +310,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, minutes=args.minutes)
 
 
+CHECKPOINT_HELP = (
+    "a .ckpt, a run folder (the checkpoint its test scored), a .safetensors export, "
+    "an official .pth or a Hugging Face folder"
+)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (Lightning); writes a run folder")
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5/loss/per-class accuracy of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", help="default: the run's own data (config.yaml beside the checkpoint)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--batch-size", type=int, default=256)
@@ -334,7 +340,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="class names and probabilities for image files")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument(
@@ -344,7 +350,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export weights as safetensors or ONNX")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--format", choices=["safetensors", "onnx"], required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_export)
