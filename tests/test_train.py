@@ -936,6 +936,10 @@ def test_a_run_folder_resolves_to_the_checkpoint_its_test_scored(tmp_path):
     # Files and folders that are not run folders pass through unchanged.
     assert resolve_checkpoint(ckpts / "last.ckpt") == ckpts / "last.ckpt"
     assert resolve_checkpoint(ckpts) == ckpts
+    # A folder that is neither a run nor a Hugging Face folder: one line that names both.
+    r = run_cli_here("eval", "--checkpoint", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "config.json" in r.stderr and "run folder" in r.stderr
     (ckpts / "best.ckpt").unlink()
     with pytest.raises(CvtLabError, match=r"run: a run folder without its checkpoint \(.*best"):
         resolve_checkpoint(run)

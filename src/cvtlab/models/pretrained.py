@@ -113,7 +113,8 @@ def _load_hf_folder(folder: Path) -> Checkpoint:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CvtLabError(
-            f"{folder}: a checkpoint folder needs a config.json (Hugging Face layout)"
+            f"{folder}: a checkpoint folder needs a config.json (Hugging Face layout) "
+            "or checkpoints/ (a cvtlab run folder)"
         )
     try:
         hf = json.loads(config_file.read_text())
