@@ -64,18 +64,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
         try:
             tested = json.loads(metrics.read_text()).get("test_checkpoint")
         except (OSError, ValueError, AttributeError):
-            tested = None
+            pass
     if tested:
-        candidates = [folder / Path(tested).name]
+        names = [Path(tested).name]
     else:
+        # The run's config.yaml, found as it is for any of its checkpoints.
         rule = (_run_config(folder / "last.ckpt") or {}).get("test_checkpoint", "best")
-        candidates = [folder / "last.ckpt"] if rule == "last" else []
-        candidates += [folder / "best.ckpt", folder / "last.ckpt"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    names = ", ".join(dict.fromkeys(c.name for c in candidates))
-    raise CvtLabError(f"{path}: a run folder without its checkpoint (looked for {names})")
+        names = ["last.ckpt", "best.ckpt"] if rule == "last" else ["best.ckpt", "last.ckpt"]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise CvtLabError(
+        f"{path}: a run folder without its checkpoint (looked for {', '.join(names)})"
+    )
 
 
 def load_predictor(checkpoint: str | Path) -> Predictor:
