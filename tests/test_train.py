@@ -240,10 +240,11 @@ def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path
 def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
     out, _ = trained
     ckpt = out / "checkpoints" / "best.ckpt"
+    # The run folder stands for the checkpoint its test scored: best.ckpt under the default rule.
     r = run_cli(
         "export",
         "--checkpoint",
-        str(ckpt),
+        str(out),
         "--format",
         "safetensors",
         "--out",
