@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import timm
 import torch
@@ -6,6 +8,7 @@ import cvtlab
 from cvtlab import CvtLabError
 from cvtlab.models import layers
 from cvtlab.models.layers import ConvAttention, QuickGELU
+from cvtlab.summary import summarize
 
 
 def n_params(model):
@@ -141,3 +144,77 @@ def test_cpu_explicit_attention_matches_sdpa(monkeypatch, with_cls_token):
     torch.testing.assert_close(explicit, reference, rtol=1e-5, atol=1e-5)
     for a, b in zip(explicit_grads, reference_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _unshare(state: dict[str, torch.Tensor], dim: int) -> dict[str, torch.Tensor]:
+    """A shared-projection attention's weights as the three separate projections that compute
+    the same: each shared conv copied to q, k and v, each fused linear split by rows."""
+    out = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"(conv_proj|proj)_(q|kv|qkv)\.(.+)", key)
+        if match is None:
+            out[key] = value
+            continue
+        kind, group, param = match.groups()
+        for i, which in enumerate(group):
+            part = value if kind == "conv_proj" else value[i * dim : (i + 1) * dim]
+            out[f"{kind}_{which}.{param}"] = part
+    return out
+
+
+@pytest.mark.parametrize("with_cls_token", [False, True])
+@pytest.mark.parametrize("stride_kv", [1, 2])
+def test_shared_projection_computes_the_separate_projections_with_tied_weights(
+    with_cls_token, stride_kv
+):
+    """keys and values (and queries where the strides match) through one conv projection and
+    one fused linear layer compute what three projections with those weights compute, in
+    training (BatchNorm on batch statistics) and in eval (folded BatchNorm), with gradients."""
+    torch.manual_seed(0)
+    dim = 32
+    shared = ConvAttention(
+        dim, 2, stride_kv=stride_kv, with_cls_token=with_cls_token, shared_projection=True
+    )
+    separate = ConvAttention(dim, 2, stride_kv=stride_kv, with_cls_token=with_cls_token)
+    expected = ("qkv",) if stride_kv == 1 else ("q", "kv")
+    assert shared.projections == expected and separate.projections == ("q", "k", "v")
+    assert shared.projection_conv("k") is shared.projection_conv("v")
+    with torch.no_grad():
+        for bn in (m for m in shared.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    separate.load_state_dict(_unshare(shared.state_dict(), dim))
+    x = torch.randn(3, 64 + with_cls_token, dim)
+    for mode in ("train", "eval"):
+        shared.train(mode == "train")
+        separate.train(mode == "train")
+        xs = x.clone().requires_grad_()
+        xd = x.clone().requires_grad_()
+        a, b = shared(xs, 8, 8), separate(xd, 8, 8)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in shared.parameters()) < sum(
+        p.numel() for p in separate.parameters()
+    )
+
+
+def test_shared_projection_model_option_runs_and_summarises():
+    model = cvtlab.create_model(
+        "cvt_xs_64", stride_kv=[2, 2, 1], cls_token=False, shared_projection=True
+    )
+    attn = model.stage2.blocks[0].attn
+    assert attn.projections == ("qkv",) and model.stage0.blocks[0].attn.projections == ("q", "kv")
+    plain = cvtlab.create_model("cvt_xs_64", stride_kv=[2, 2, 1], cls_token=False)
+    summary_shared = summarize(model)
+    summary_plain = summarize(plain)
+    # The attention products are the same; only the projections' conv passes are fewer.
+    attn_macs = [
+        [r["macs"] for r in s["layers"] if r["type"] == "ConvAttention"]
+        for s in (summary_shared, summary_plain)
+    ]
+    assert attn_macs[0] == attn_macs[1]
+    assert summary_shared["total_macs"] < summary_plain["total_macs"]
+    assert summary_shared["total_params"] < summary_plain["total_params"]
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 200)

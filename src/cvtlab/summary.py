@@ -46,7 +46,7 @@ def _macs(module: nn.Module, args: tuple, out: torch.Tensor) -> int:
         x, h, w = args
         c = x.shape[-1]
         extra = 1 if module.with_cls_token else 0
-        q, k = module.conv_proj_q.conv, module.conv_proj_k.conv
+        q, k = module.projection_conv("q"), module.projection_conv("k")
         t_q = _conv_out(h, q, 0) * _conv_out(w, q, 1) + extra
         t_kv = _conv_out(h, k, 0) * _conv_out(w, k, 1) + extra
         return 2 * t_q * t_kv * c  # q·kᵀ and attn·v

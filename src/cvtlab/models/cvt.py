@@ -36,6 +36,9 @@ class CvTConfig:
     mlp_ratios: tuple[float, ...] = (4.0, 4.0, 4.0)
     drop_path_rates: tuple[float, ...] = (0.0, 0.0, 0.1)
     qkv_bias: bool = True
+    # One conv projection and one linear layer for keys and values (and queries where their
+    # stride matches): not the official architecture, faster on small grids (ConvAttention).
+    shared_projection: bool = False
     cls_token: bool = True
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
@@ -107,6 +110,7 @@ class CvTStage(nn.Module):
                 stride_kv=cfg.stride_kv[i],
                 attn_drop=cfg.attn_drop_rate,
                 with_cls_token=with_cls,
+                shared_projection=cfg.shared_projection,
             )
             for rate in rates
         )

@@ -108,6 +108,11 @@ class ConvAttention(nn.Module):
     A class token, when present, skips the conv projection and is prepended again before the
     linear projections. The scale is ``dim ** -0.5`` with the full width, as in the official
     code; pretrained weights depend on it.
+
+    ``shared_projection`` (not in the official CvT, so no pretrained weights use it) gives keys
+    and values one conv projection and one linear layer of twice the width (``conv_proj_kv``,
+    ``proj_kv``), and queries share them too where their stride matches (``conv_proj_qkv``,
+    ``proj_qkv``): fewer passes over the token map and larger, faster products.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class ConvAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         with_cls_token: bool = False,
+        shared_projection: bool = False,
     ):
         super().__init__()
         if dim % num_heads:
@@ -132,12 +138,19 @@ class ConvAttention(nn.Module):
         self.scale = dim**-0.5
         self.with_cls_token = with_cls_token
         self.attn_drop = attn_drop
-        self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q)
-        self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv)
-        self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv)
-        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        if not shared_projection:
+            groups = {"q": stride_q, "k": stride_kv, "v": stride_kv}
+        elif stride_q == stride_kv:
+            groups = {"qkv": stride_q}
+        else:
+            groups = {"q": stride_q, "kv": stride_kv}
+        # Which of q, k, v each projection makes, in order; the names are the official ones
+        # when nothing is shared.
+        self.projections = tuple(groups)
+        for name, stride in groups.items():
+            setattr(self, f"conv_proj_{name}", ConvProjection(dim, kernel_size, stride))
+        for name in groups:
+            setattr(self, f"proj_{name}", nn.Linear(dim, len(name) * dim, bias=qkv_bias))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -155,22 +168,20 @@ class ConvAttention(nn.Module):
         with _fp32_on_cpu(x) as fp32:
             if fp32:
                 grid = grid.float()
-            q, k, v = (
-                proj(grid).flatten(2).transpose(1, 2)
-                for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
-            )
+            maps = [
+                getattr(self, f"conv_proj_{name}")(grid).flatten(2).transpose(1, 2)
+                for name in self.projections
+            ]
         # The class token joins after the linear projections, not before: the same result, but
         # each token map then gets a whole, channels-last gradient back. A gradient sliced out of
         # a concatenation has other strides than the BatchNorm's input, which sends its backward
         # down a path several times slower on CPUs.
-        q, k, v = (
-            rearrange(
-                torch.cat((lin(cls_token), lin(t)), dim=1) if self.with_cls_token else lin(t),
-                "b n (h d) -> b h n d",
-                h=self.num_heads,
-            )
-            for lin, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v))
-        )
+        qkv = []
+        for name, t in zip(self.projections, maps):
+            lin = getattr(self, f"proj_{name}")
+            out = torch.cat((lin(cls_token), lin(t)), dim=1) if self.with_cls_token else lin(t)
+            qkv.extend(out.chunk(len(name), dim=-1))
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in qkv)
         drop = self.attn_drop if self.training else 0.0
         if x.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= EXPLICIT_ATTENTION_MAX_SCORES:
             out = F.dropout((q @ k.transpose(-2, -1) * self.scale).softmax(-1), drop) @ v
@@ -180,6 +191,10 @@ class ConvAttention(nn.Module):
                     q, k, v = q.float(), k.float(), v.float()
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def projection_conv(self, which: str) -> nn.Conv2d:
+        """The depthwise conv that projects the queries (``"q"``), keys or values."""
+        return getattr(self, f"conv_proj_{next(n for n in self.projections if which in n)}").conv
 
 
 class Mlp(nn.Module):
