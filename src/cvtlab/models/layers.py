@@ -145,7 +145,8 @@ class ConvAttention(nn.Module):
         else:
             groups = {"q": stride_q, "kv": stride_kv}
         # Which of q, k, v each projection makes, in order; the names are the official ones
-        # when nothing is shared.
+        # when nothing is shared. All convs first, then all linear layers: the official
+        # state-dict order.
         self.projections = tuple(groups)
         for name, stride in groups.items():
             setattr(self, f"conv_proj_{name}", ConvProjection(dim, kernel_size, stride))
