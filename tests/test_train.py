@@ -399,6 +399,7 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
             ["--model", "cvt_xs_64", "--train-sizes", "0:40"],
             ["train_sizes", "image size 40", "total stride 16"],
         ),
+        (["--whiten-stem", "--pretrained", "w.pth"], ["--whiten-stem", "--pretrained"]),
     ],
 )
 def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
@@ -639,6 +640,43 @@ def test_progressive_resizing_trains_small_then_full_size_and_validates_full_siz
     assert train_sizes == {(0, 32), (1, 64)}
     assert {s for kind, _, s in seen if kind == "val"} == {64}
     assert metrics["epochs"] == 2 and np.isfinite(metrics["test_loss"])
+
+
+def test_whiten_stem_starts_the_run_from_the_first_phase_patches(shapes_small, tmp_path):
+    """whiten_stem: the stem the first step sees is the whitening of training images at the
+    first phase's size (32 px here), and a resumed run keeps its trained stem."""
+    import lightning as L
+
+    from cvtlab.data.datamodule import ImageDataModule
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+    from cvtlab.train.whitening import whiten_stem
+
+    first = {}
+
+    class FirstStem(L.Callback):
+        def on_train_start(self, trainer, module):
+            first["weight"] = module.model.stage0.patch_embed.proj.weight.detach().clone()
+
+    cfg = make_config(
+        recipe(tmp_path, limit_train_batches=2, ckpt_every_n_steps=0),
+        data=str(shapes_small),
+        out=str(tmp_path / "run"),
+        model="cvt_xs_64",
+        epochs=2,
+        batch_size=50,
+        accelerator="cpu",
+        train_sizes=[[0, 32], [1, 64]],
+        whiten_stem=True,
+        seed=5,
+    )
+    metrics = train(cfg, extra_callbacks=[FirstStem()])
+    assert metrics["epochs"] == 2 and np.isfinite(metrics["test_loss"])
+    dm = ImageDataModule(str(shapes_small), seed=5)
+    dm.setup()
+    expected = cvtlab.create_model("cvt_xs_64", num_classes=dm.num_classes)
+    whiten_stem(expected, dm.data.images, dm.rows["train"], size=32, seed=5)
+    assert torch.allclose(first["weight"], expected.stage0.patch_embed.proj.weight, atol=1e-5)
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear"])

@@ -28,6 +28,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay")
     p.add_argument("--label-smoothing", type=float, help="0 turns it off")
     p.add_argument("--ema-decay", type=float, help="decay of the weight EMA, e.g. 0.999 (0: off)")
+    p.add_argument(
+        "--whiten-stem",
+        action="store_true",
+        default=None,
+        help="start the stem's filters as whitened principal components of image patches",
+    )
     p.add_argument("--out", help="output folder of the run")
     p.add_argument("--seed", type=int)
     p.add_argument(
@@ -106,6 +112,7 @@ _FLAG_KEYS = [
     "weight_decay",
     "label_smoothing",
     "ema_decay",
+    "whiten_stem",
     "out",
     "seed",
     "pretrained",

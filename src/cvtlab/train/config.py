@@ -35,6 +35,9 @@ class TrainConfig:
     grad_clip: float | None = 5.0
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0 turns the weight EMA off
+    # Start the stem's filters as whitened principal components of the first training images'
+    # patches (train/whitening.py) instead of random ones; not with pretrained weights.
+    whiten_stem: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # progressive resizing: [[from_epoch, size], ...]; training batches are resized to `size`
     # from that epoch on (validation and test stay at the model's size). None: no resizing.
@@ -130,6 +133,11 @@ class TrainConfig:
         if self.budget_schedule and not self.max_minutes:
             raise CvtLabError(
                 "budget_schedule needs a time budget: set max_minutes (--max-minutes)"
+            )
+        if self.whiten_stem and self.pretrained:
+            raise CvtLabError(
+                "--whiten-stem sets the stem from the data and --pretrained from a checkpoint: "
+                "choose one"
             )
 
     @property

@@ -20,9 +20,10 @@ from ..models.cvt import check_img_size
 from ..models.pretrained import load_pretrained_into
 from ..models.registry import get_config
 from .callbacks import AtomicCheckpointIO, EpochHistory, LastCheckpoint
-from .config import TrainConfig, make_config, save_config
+from .config import TrainConfig, make_config, save_config, train_size_at
 from .module import CvTClassifier
 from .precision import resolve_precision
+from .whitening import whiten_stem
 
 
 def _quiet_lightning() -> None:
@@ -229,8 +230,13 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         dm.batch_size_now = module.train_batch_size
     if cfg.pretrained and not cfg.resume:
         load_pretrained_into(module.model, cfg.pretrained)
-        if module.ema is not None:
-            module.ema.set(module.model)
+    if cfg.whiten_stem and not cfg.resume:
+        # The images of the first epochs, at the size they are trained at.
+        first = train_size_at(cfg.train_sizes, 0.0)
+        size = first[0] if first and first[1] == "resize" else None
+        whiten_stem(module.model, dm.data.images, dm.rows["train"], size=size, seed=cfg.seed)
+    if (cfg.pretrained or cfg.whiten_stem) and not cfg.resume and module.ema is not None:
+        module.ema.set(module.model)
 
     last = out / "checkpoints" / "last.ckpt"
     try:
