@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -72,9 +73,12 @@ def test_cli_summary_of_a_recipe_shows_the_model_it_trains(tmp_path):
         trained = cvtlab.create_model(cfg.model, **cfg.model_overrides)
     assert data["model"] == cfg.model
     assert data["total_params"] == sum(p.numel() for p in trained.parameters())
-    # The last stage's keys follow the recipe's stride on its 4×4 grid (3×3 conv, padding 1).
+    # The last stage's keys follow the recipe's stride on its 4×4 grid (3×3 conv, padding 1),
+    # through their own projection or one they share (`shared_projection`).
     stride = trained.cfg.stride_kv[-1]
-    keys = [row for row in data["layers"] if row["name"].endswith("attn.conv_proj_k.conv")]
+    keys = [
+        row for row in data["layers"] if re.search(r"attn\.conv_proj_q?kv?\.conv$", row["name"])
+    ]
     side = (4 - 1) // stride + 1
     assert keys[-1]["output_shape"] == [trained.cfg.dims[-1], side, side]
     recipe = tmp_path / "wide.yaml"
