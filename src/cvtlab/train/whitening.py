@@ -5,10 +5,11 @@ The stem convolution is the only layer that sees pixels. Randomly initialised, i
 mostly pick up the few high-variance directions of a patch (brightness, colour, smooth
 gradients) and take many steps to find the rest. Set to the top principal components of the
 patches it will see, each scaled by one over its standard deviation, its outputs are
-decorrelated and of unit variance from the first step, which helps most when a run has only a
-few thousand steps (the fast-training recipes for CIFAR-10 start their first layer this way).
-Each component is used twice, with both signs, so a ReLU- or GELU-like layer downstream keeps
-both halves of it. The filters stay trainable.
+decorrelated and of unit variance from the first step. The fast-training recipes for CIFAR-10
+start their first layer this way to save steps in short runs; in the 30-minute CPU recipe it led
+early in the 64-px phase and ended level (benchmarks/RESULTS.md, attempt Z40), so it is an
+option, off by default. Each component is used twice, with both signs, so a ReLU- or GELU-like
+layer downstream keeps both halves of it. The filters stay trainable.
 """
 
 from __future__ import annotations
