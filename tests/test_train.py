@@ -644,7 +644,7 @@ def test_progressive_resizing_trains_small_then_full_size_and_validates_full_siz
 
 def test_whiten_stem_starts_the_run_from_the_first_phase_patches(shapes_small, tmp_path):
     """whiten_stem: the stem the first step sees is the whitening of training images at the
-    first phase's size (32 px here), and a resumed run keeps its trained stem."""
+    first phase's size (32 px here)."""
     import lightning as L
 
     from cvtlab.data.datamodule import ImageDataModule
