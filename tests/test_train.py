@@ -679,6 +679,49 @@ def test_whiten_stem_starts_the_run_from_the_first_phase_patches(shapes_small, t
     assert torch.allclose(first["weight"], expected.stage0.patch_embed.proj.weight, atol=1e-5)
 
 
+def test_a_resumed_whitened_run_keeps_its_trained_stem(shapes_small, tmp_path):
+    """--resume continues from the stem the checkpoint holds, not from a fresh whitening."""
+    import lightning as L
+
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+
+    stems = []
+
+    class FirstStem(L.Callback):
+        def on_train_start(self, trainer, module):
+            stems.append(module.model.stage0.patch_embed.proj.weight.detach().clone())
+
+    class Cut(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            # Lightning runs checkpoint callbacks last, so last.ckpt holds step 2 here.
+            if trainer.global_step == 3:
+                raise RuntimeError("cut")
+
+    def config(**extra):
+        return make_config(
+            recipe(tmp_path, ckpt_every_n_steps=2, warmup_epochs=0),
+            data=str(shapes_small),
+            out=str(tmp_path / "run"),
+            model="cvt_xs_64",
+            epochs=1,
+            batch_size=50,
+            accelerator="cpu",
+            train_sizes=[[0, 32]],
+            whiten_stem=True,
+            seed=5,
+            **extra,
+        )
+
+    with pytest.raises(RuntimeError, match="cut"):
+        train(config(), extra_callbacks=[FirstStem(), Cut()])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = ckpt["state_dict"]["model.stage0.patch_embed.proj.weight"]
+    assert not torch.allclose(saved, stems[0], atol=1e-4), "two steps should move the stem"
+    train(config(resume=True), extra_callbacks=[FirstStem()])
+    assert torch.equal(stems[1], saved)
+
+
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
 def test_batch_schedule_trains_larger_batches_while_small(shapes_small, tmp_path, decay):
     """train_batch_sizes: epoch 0 draws batches of 100 at 32 px, epoch 1 batches of 50 at 64 px;
