@@ -7,9 +7,10 @@ gradients) and take many steps to find the rest. Set to the top principal compon
 patches it will see, each scaled by one over its standard deviation, its outputs are
 decorrelated and of unit variance from the first step. The fast-training recipes for CIFAR-10
 start their first layer this way to save steps in short runs; in the 30-minute CPU recipe it led
-early in the 64-px phase and ended a little ahead (benchmarks/RESULTS.md, attempts Z40, Z41), so
-that recipe turns it on; it is off by default. Each component is used twice, with both signs, so a ReLU- or GELU-like
-layer downstream keeps both halves of it. The filters stay trainable.
+early in the 64-px phase and ended a few tenths of a point ahead at two seeds
+(benchmarks/RESULTS.md, attempts Z40-Z44), so that recipe turns it on; it is off by default.
+Each component is used twice, with both signs, so a ReLU- or GELU-like layer downstream keeps
+both halves of it. The filters stay trainable.
 """
 
 from __future__ import annotations
