@@ -28,6 +28,9 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate at batch_size 512, scaled linearly to batch_size
     scale_lr: bool = True
     weight_decay: float = 0.05
+    # "adamw", or "muon": orthogonalised momentum for the blocks' weight matrices, AdamW for the
+    # other tensors, at the same rate and decay (train/muon.py)
+    optimizer: str = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 5.0
     min_lr_ratio: float = 0.01
@@ -114,6 +117,8 @@ class TrainConfig:
             raise CvtLabError(
                 f"grad_clip must be positive (or null: no clipping), got {self.grad_clip}"
             )
+        if self.optimizer not in ("adamw", "muon"):
+            raise CvtLabError(f"--optimizer must be adamw or muon, not {self.optimizer!r}")
         if self.lr_decay not in ("cosine", "linear"):
             raise CvtLabError(f"--lr-decay must be cosine or linear, not {self.lr_decay!r}")
         if self.test_checkpoint not in ("best", "last"):

@@ -20,21 +20,32 @@ from ..data.augment import AugmentConfig, BatchAugment, normalize, random_crop
 from ..errors import CvtLabError
 from ..models.registry import build_model, get_config
 from .config import batch_size_at, train_size_at
+from .muon import MuonAdamW
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on norms, biases (every tensor of one dimension) and the names
-    the model lists in ``no_weight_decay`` (the class token)."""
+def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
+    """Optimiser groups: no decay on norms, biases (every tensor of one dimension) and the names
+    the model lists in ``no_weight_decay`` (the class token). With ``muon``, the 2-D weights of
+    the blocks (every linear layer but the classifier's) form a group of their own, marked
+    ``muon: True`` for :class:`~cvtlab.train.muon.MuonAdamW`."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    decay, no_decay, matrices = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [
+        if p.ndim <= 1 or name in skip:
+            no_decay.append(p)
+        elif muon and p.ndim == 2 and not name.startswith("head."):
+            matrices.append(p)
+        else:
+            decay.append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if muon:
+        groups.insert(0, {"params": matrices, "weight_decay": weight_decay, "muon": True})
+    return groups
 
 
 def warmup_decay(
@@ -58,6 +69,7 @@ class CvTClassifier(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
+        optimizer: str = "adamw",
         warmup_steps: int = 0,
         total_steps: int = 1,
         min_lr_ratio: float = 0.01,
@@ -309,12 +321,20 @@ class CvTClassifier(L.LightningModule):
         # cannot clip gradients for an optimiser that unscales fp16 gradients itself, so fp16
         # mixed precision keeps the foreach one.
         fp16 = self._trainer is not None and str(self.trainer.precision) == "16-mixed"
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, hp.weight_decay),
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            fused=not fp16,
-        )
+        if hp.get("optimizer", "adamw") == "muon":
+            optimizer = MuonAdamW(
+                param_groups(self.model, hp.weight_decay, muon=True),
+                lr=hp.lr,
+                betas=tuple(hp.betas),
+                fused=not fp16,
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                param_groups(self.model, hp.weight_decay),
+                lr=hp.lr,
+                betas=tuple(hp.betas),
+                fused=not fp16,
+            )
 
         def lr_factor(_: int) -> float:
             # The position comes from the images trained, not the scheduler's step count, so
@@ -334,7 +354,8 @@ class CvTClassifier(L.LightningModule):
         # Lightning's mixed-precision plugin refuses to clip for an optimiser that could unscale
         # fp16 gradients itself, as the fused AdamW could; with bf16 or fp32 there is no scaler,
         # so the gradients are true gradients and are clipped directly.
-        if gradient_clip_val and optimizer.param_groups[0].get("fused"):
+        fused = optimizer.param_groups[0].get("fused") or getattr(optimizer, "fused", False)
+        if gradient_clip_val and fused:
             # foreach: one call over all gradients; torch picks it by default on GPUs only,
             # and on a CPU the per-tensor loop costs a few ms of Python a step.
             if gradient_clip_algorithm in (None, "norm"):

@@ -211,6 +211,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         lr=cfg.peak_lr,
         weight_decay=cfg.weight_decay,
         betas=cfg.betas,
+        optimizer=cfg.optimizer,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
         total_steps=cfg.epochs * steps_per_epoch,
         min_lr_ratio=cfg.min_lr_ratio,

@@ -1,0 +1,131 @@
+"""Muon for the transformer blocks' weight matrices, AdamW for every other tensor, as one optimiser.
+
+Muon (Jordan et al., 2024) steps a weight matrix along its momentum made orthogonal: the
+momentum's singular values are pushed towards one by a few Newton-Schulz iterations, so that every
+direction of the update moves as far as the largest one. Vectors (norms, biases), convolution
+filters and the classifier stay with AdamW, as in the method's own recipes.
+
+torch ships ``torch.optim.Muon``, but it orthogonalises in bf16, and CPUs without AMX multiply bf16
+matrices at about half their fp32 rate (RESULTS, throughput attempt 21): here the iterations run in
+fp32 on a CPU (96 against 61 ms a step for the 30-minute recipe's model) and in bf16 on a GPU. One
+optimiser rather than two, because Lightning's automatic optimisation steps one, and one learning-
+rate schedule then scales every group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw
+
+# The quintic iteration's coefficients from the Muon write-up: a steep slope at zero, so that five
+# steps lift even small singular values, at the price of landing them anywhere in about 0.5-1.5,
+# which the method's authors found trains as well as exact orthogonalisation.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(update: Tensor, steps: int = 5) -> Tensor:
+    """The matrix with ``update``'s singular vectors and singular values near one."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.to(torch.bfloat16 if update.is_cuda else torch.float32)
+    wide = x.size(0) <= x.size(1)
+    if not wide:  # the Gram matrix of the shorter side is the cheaper one
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)  # the spectral norm is at most the Frobenius norm
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x if wide else x.T).to(update.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the groups marked ``muon: True`` (2-D weights only), AdamW for the others.
+
+    Both take the group's ``lr`` and decoupled ``weight_decay``. A Muon step is scaled by
+    0.2·√max(rows, cols), which gives it the root-mean-square size of an AdamW step (Liu et al.,
+    2025, "Muon is scalable"), so the learning rate and schedule tuned for AdamW carry over.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict],
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        fused: bool | None = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            eps=eps,
+            momentum=momentum,
+            ns_steps=ns_steps,
+            muon=False,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["muon"] and any(p.ndim != 2 for p in group["params"]):
+                raise ValueError("Muon groups take 2-D weight matrices only")
+        self.fused = fused
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (self._muon_step if group["muon"] else self._adamw_step)(group, params)
+        return loss
+
+    def _muon_step(self, group: dict, params: list[Tensor]) -> None:
+        lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            update = orthogonalize(p.grad.lerp(buf, momentum), group["ns_steps"])  # Nesterov
+            p.mul_(1 - lr * decay)
+            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+
+    def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                # The layout of torch.optim.AdamW's state (a float32 step count on the device
+                # is what its fused kernel takes).
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adamw(
+            params,
+            [p.grad for p in params],
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            fused=self.fused,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
