@@ -392,6 +392,7 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--train-sizes", "0:96:crop"], ["cannot crop 96 px from 64-px images"]),
         (["--train-sizes", "1:32"], ["train_sizes must be", "starting at epoch 0"]),
         (["--test-checkpoint", "final"], ["--test-checkpoint", "best or last", "'final'"]),
+        (["--optimizer", "sgd"], ["--optimizer must be adamw or muon, not 'sgd'"]),
         (["--train-batch-sizes", "0:big"], ["--train-batch-sizes", "'0:big'", "FROM_EPOCH:BATCH"]),
         (["--train-batch-sizes", "1:256"], ["train_batch_sizes must be", "starting at epoch 0"]),
         (["--train-batch-sizes", "0:600"], ["train_batch_sizes: batch 600", "500 training images"]),
@@ -409,6 +410,33 @@ def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
     assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_a_muon_run_checkpoints_its_momentum_for_the_blocks_matrices(shapes_small, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli_here(
+        "train",
+        "--config",
+        recipe(tmp_path),
+        "--data",
+        str(shapes_small),
+        "--epochs",
+        "1",
+        "--optimizer",
+        "muon",
+        "--out",
+        str(out),
+        *FAST,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"] == "muon"
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    (opt,) = ckpt["optimizer_states"]
+    muon = [g for g in opt["param_groups"] if g["muon"]]
+    assert len(muon) == 1 and muon[0]["params"]
+    buffers = [i for i in muon[0]["params"] if "momentum_buffer" in opt["state"].get(i, {})]
+    assert buffers == muon[0]["params"]  # every matrix stepped with Muon, none with AdamW
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 10
 
 
 def test_recipe_with_unknown_key_and_occupied_output(trained, shapes_small, tmp_path):

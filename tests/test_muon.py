@@ -1,0 +1,109 @@
+"""``--optimizer muon``: orthogonalised steps for the blocks' matrices, AdamW for the rest."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cvtlab import create_model
+from cvtlab.train.module import param_groups
+from cvtlab.train.muon import MuonAdamW, orthogonalize
+
+
+@pytest.mark.parametrize("shape", [(64, 200), (200, 64), (96, 96)])
+def test_orthogonalize_keeps_the_singular_vectors_and_evens_the_singular_values(shape):
+    torch.manual_seed(0)
+    # A badly conditioned matrix: singular values spread over three orders of magnitude.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape)))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape)))
+    s = torch.logspace(0, -3, min(shape))
+    g = u @ torch.diag(s) @ v.T
+    o = orthogonalize(g)
+    assert o.shape == g.shape and o.dtype == g.dtype
+    sv = torch.linalg.svdvals(o)
+    # The quintic iteration lands every singular value near one, not exactly on it.
+    assert sv.max() < 1.5 and sv[: min(shape) // 2].min() > 0.5, sv
+    # Same singular vectors: o is nearly u·diag(·)·vᵀ with positive entries.
+    within = torch.diagonal(u.T @ o @ v)
+    assert (within > 0).all() and torch.allclose(within.norm(), o.norm(), rtol=1e-3)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_groups_without_muon_step_exactly_as_torch_adamw(fused):
+    a, b = _mlp(), _mlp()
+    ours = MuonAdamW(param_groups(a, 0.1), lr=1e-2, betas=(0.9, 0.99), fused=fused)
+    ref = torch.optim.AdamW(param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.99), fused=fused)
+    for _ in range(4):
+        x = torch.randn(5, 8)
+        for model, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (768, 256), (128, 512)])
+def test_a_muon_step_has_the_size_of_an_adamw_step(shape):
+    """0.2·√max(rows, cols) makes an update's RMS 0.2·lr whatever the shape, about an AdamW
+    step's, so the rate tuned for AdamW carries over."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(shape))
+    before = w.detach().clone()
+    opt = MuonAdamW([{"params": [w], "muon": True, "weight_decay": 0.0}], lr=1e-3)
+    w.grad = torch.randn(shape)
+    opt.step()
+    rms = (w.detach() - before).square().mean().sqrt().item()
+    assert 0.7 * 0.2e-3 < rms < 1.3 * 0.2e-3, rms
+
+
+def test_muon_groups_cover_the_blocks_matrices_and_nothing_else():
+    model = create_model("cvt_xs_64", num_classes=10, img_size=64)
+    groups = param_groups(model, 0.05, muon=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for g in groups if g.get("muon") for p in g["params"]]
+    assert muon and all(".blocks." in n and n.endswith(".weight") for n in muon)
+    linear = [
+        f"{m}.weight"
+        for m, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and not m.startswith("head")
+    ]
+    assert sorted(muon) == sorted(linear)
+    every = [p for g in groups for p in g["params"]]
+    assert len(every) == len(set(map(id, every))) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="2-D"):
+        MuonAdamW([{"params": [model.stage0.patch_embed.proj.weight], "muon": True}])
+
+
+def test_muon_trains_a_small_cvt_faster_than_chance_and_its_state_round_trips():
+    torch.manual_seed(0)
+    model = create_model("cvt_seed", num_classes=4, img_size=32)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 4, (32,))
+    opt = MuonAdamW(param_groups(model, 0.05, muon=True), lr=2e-3)
+
+    def step(m, o):
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        o.step()
+        return loss.item()
+
+    first = step(model, opt)
+    for _ in range(15):
+        last = step(model, opt)
+    assert last < 0.5 * first  # it fits a fixed batch
+
+    # A restored optimiser continues exactly where the saved one stood (a resumed run).
+    twin = copy.deepcopy(model)
+    restored = MuonAdamW(param_groups(twin, 0.05, muon=True), lr=2e-3)
+    restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert any("momentum_buffer" in s for s in restored.state.values())
+    step(model, opt), step(twin, restored)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
