@@ -9,6 +9,8 @@
 # Time-to-accuracy trains for TTA_MINUTES (default 10, the goal's budget), less where the run,
 # tests included, would not end inside TTA_TIMEOUT seconds (default 540). FIT_EPOCHS=1 fits the
 # recipe's epochs to the budget with a probe first (for recipes without budget_schedule).
+# TTA_CONFIG names the recipe (default tiny_imagenet_scratch; a shipped name or a YAML in the
+# tree), e.g. a copy with `optimizer: muon` to measure Muon on the GPU recipe.
 # Optional wheels (vit-pytorch) travel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +41,7 @@ if [ -n "$DATA" ] && [ "${SKIP_TTA:-0}" != 1 ]; then
   # --deadline: decoding the zip on a bare machine takes a varying while, and a run cut by the
   # timeout before its test leaves no figure, so the training budget shrinks to fit.
   TTA_TIMEOUT=${TTA_TIMEOUT:-540}
-  timeout "$TTA_TIMEOUT" python3 benchmarks/tta.py --config tiny_imagenet_scratch --data "$DATA" \
+  timeout "$TTA_TIMEOUT" python3 benchmarks/tta.py --config "${TTA_CONFIG:-tiny_imagenet_scratch}" --data "$DATA" \
     --minutes "${TTA_MINUTES:-10}" --deadline $((TTA_TIMEOUT - 10)) \
     $([ "${FIT_EPOCHS:-0}" = 1 ] && echo --fit-epochs) --out /tmp/tta 2>&1 | tr "\r" "\n" | grep -vE "Warning|it/s|^\s*$" | tail -40 | tee "$OUT/tta.log"
   # Only this run's result (older ones in the tree would use up the files a call returns), and
