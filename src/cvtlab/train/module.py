@@ -321,20 +321,13 @@ class CvTClassifier(L.LightningModule):
         # cannot clip gradients for an optimiser that unscales fp16 gradients itself, so fp16
         # mixed precision keeps the foreach one.
         fp16 = self._trainer is not None and str(self.trainer.precision) == "16-mixed"
-        if hp.get("optimizer", "adamw") == "muon":
-            optimizer = MuonAdamW(
-                param_groups(self.model, hp.weight_decay, muon=True),
-                lr=hp.lr,
-                betas=tuple(hp.betas),
-                fused=not fp16,
-            )
-        else:
-            optimizer = torch.optim.AdamW(
-                param_groups(self.model, hp.weight_decay),
-                lr=hp.lr,
-                betas=tuple(hp.betas),
-                fused=not fp16,
-            )
+        muon = hp.get("optimizer", "adamw") == "muon"  # runs saved before the option: AdamW
+        optimizer = (MuonAdamW if muon else torch.optim.AdamW)(
+            param_groups(self.model, hp.weight_decay, muon=muon),
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            fused=not fp16,
+        )
 
         def lr_factor(_: int) -> float:
             # The position comes from the images trained, not the scheduler's step count, so
@@ -354,8 +347,7 @@ class CvTClassifier(L.LightningModule):
         # Lightning's mixed-precision plugin refuses to clip for an optimiser that could unscale
         # fp16 gradients itself, as the fused AdamW could; with bf16 or fp32 there is no scaler,
         # so the gradients are true gradients and are clipped directly.
-        fused = optimizer.param_groups[0].get("fused") or getattr(optimizer, "fused", False)
-        if gradient_clip_val and fused:
+        if gradient_clip_val and optimizer.param_groups[0].get("fused"):
             # foreach: one call over all gradients; torch picks it by default on GPUs only,
             # and on a CPU the per-tensor loop costs a few ms of Python a step.
             if gradient_clip_algorithm in (None, "norm"):

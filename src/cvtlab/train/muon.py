@@ -68,12 +68,12 @@ class MuonAdamW(torch.optim.Optimizer):
             momentum=momentum,
             ns_steps=ns_steps,
             muon=False,
+            fused=fused,  # for the AdamW groups, as torch.optim.AdamW keeps it
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon groups take 2-D weight matrices only")
-        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -120,7 +120,7 @@ class MuonAdamW(torch.optim.Optimizer):
             exp_avg_sqs,
             [],
             steps,
-            fused=self.fused,
+            fused=group["fused"],
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
