@@ -320,13 +320,20 @@ class CvTClassifier(L.LightningModule):
         # (foreach) AdamW on a CPU, and a handful of launches instead of dozens on a GPU. Lightning
         # cannot clip gradients for an optimiser that unscales fp16 gradients itself, so fp16
         # mixed precision keeps the foreach one.
-        fp16 = self._trainer is not None and str(self.trainer.precision) == "16-mixed"
+        precision = str(self.trainer.precision) if self._trainer is not None else "32"
+        fp16 = precision == "16-mixed"
         muon = hp.get("optimizer", "adamw") == "muon"  # runs saved before the option: AdamW
+        extra = {}
+        if muon and precision == "bf16-mixed":
+            # A run trains in bf16 only where bf16 products are the fast ones (precision.py), so
+            # Muon's orthogonalising products run in bf16 too.
+            extra["ns_dtype"] = torch.bfloat16
         optimizer = (MuonAdamW if muon else torch.optim.AdamW)(
             param_groups(self.model, hp.weight_decay, muon=muon),
             lr=hp.lr,
             betas=tuple(hp.betas),
             fused=not fp16,
+            **extra,
         )
 
         def lr_factor(_: int) -> float:

@@ -5,10 +5,11 @@ momentum's singular values are pushed towards one by a few Newton-Schulz iterati
 direction of the update moves as far as the largest one. Vectors (norms, biases), convolution
 filters and the classifier stay with AdamW, as in the method's own recipes.
 
-torch ships ``torch.optim.Muon``, but it orthogonalises in bf16, and CPUs without AMX multiply bf16
-matrices at about half their fp32 rate (RESULTS, throughput attempt 21): here the iterations run in
-fp32 on a CPU (96 against 61 ms a step for the 30-minute recipe's model) and in bf16 on a GPU. One
-optimiser rather than two, because Lightning's automatic optimisation steps one, and one learning-
+torch ships ``torch.optim.Muon``, but it always orthogonalises in bf16, and some CPUs multiply bf16
+matrices at about half their fp32 rate (RESULTS, throughput attempt 21): there the iterations took
+96 against 61 ms a step for the 30-minute recipe's model. Here they run in the dtype whose products
+are faster: bf16 on GPUs and on CPUs that train in bf16 (on AMD Zen 4 40 against 64 ms), fp32 on
+the others. One optimiser rather than two, because Lightning's automatic optimisation steps one, and one learning-
 rate schedule then scales every group.
 """
 
@@ -27,10 +28,11 @@ from torch.optim.adamw import adamw
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(update: Tensor, steps: int = 5) -> Tensor:
-    """The matrix with ``update``'s singular vectors and singular values near one."""
+def orthogonalize(update: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
+    """The matrix with ``update``'s singular vectors and singular values near one, computed in
+    ``dtype`` (by default bf16 on GPUs, fp32 on CPUs)."""
     a, b, c = NS_COEFFICIENTS
-    x = update.to(torch.bfloat16 if update.is_cuda else torch.float32)
+    x = update.to(dtype or (torch.bfloat16 if update.is_cuda else torch.float32))
     wide = x.size(0) <= x.size(1)
     if not wide:  # the Gram matrix of the shorter side is the cheaper one
         x = x.T
@@ -47,6 +49,8 @@ class MuonAdamW(torch.optim.Optimizer):
     Both take the group's ``lr`` and decoupled ``weight_decay``. A Muon step is scaled by
     0.2·√max(rows, cols), which gives it the root-mean-square size of an AdamW step (Liu et al.,
     2025, "Muon is scalable"), so the learning rate and schedule tuned for AdamW carry over.
+    ``ns_dtype`` is the dtype of the orthogonalising products (default: bf16 on GPUs, fp32 on
+    CPUs); a speed setting of the machine, so it is not part of the saved state.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class MuonAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
         ns_steps: int = 5,
         fused: bool | None = None,
+        ns_dtype: torch.dtype | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -71,6 +76,7 @@ class MuonAdamW(torch.optim.Optimizer):
             fused=fused,  # for the AdamW groups, as torch.optim.AdamW keeps it
         )
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             if group["muon"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon groups take 2-D weight matrices only")
@@ -95,7 +101,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
-            update = orthogonalize(p.grad.lerp(buf, momentum), group["ns_steps"])  # Nesterov
+            nesterov = p.grad.lerp(buf, momentum)
+            update = orthogonalize(nesterov, group["ns_steps"], self.ns_dtype)
             p.mul_(1 - lr * decay)
             p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
 
