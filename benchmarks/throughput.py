@@ -9,9 +9,7 @@ architecture: Hugging Face ``transformers`` (CvtForImageClassification) and luci
 One process; every implementation is warmed up first, then timed interleaved (round-robin over
 implementations, repeated), and the median is reported. A training step is forward, backward
 and an AdamW step; inference is a forward pass under ``inference_mode`` (cvtlab-bf16: bf16
-weights on bf16 inputs, training under bf16 autocast; cvtlab-bf16-compiled: inference only, the
-bf16 model compiled with frozen weights as ``cvtlab eval --compile`` runs it, since compiling the
-training step made it slower, RESULTS attempts 14, 19 and 22). GFLOP/s count 2 FLOPs
+weights on bf16 inputs, training under bf16 autocast). GFLOP/s count 2 FLOPs
 per multiply-accumulate (cvtlab's layer table, attention included; a training step ≈ 3×
 forward) and are shown as a share of the matrix-multiply rate measured in the same run.
 """
@@ -33,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_train_step, median, timed, write_result  # noqa: E402
 
 import cvtlab  # noqa: E402
-from cvtlab.inference import compiled_for_inference  # noqa: E402
 from cvtlab.summary import summarize  # noqa: E402
 from cvtlab.train.precision import choose_cpu_precision, choose_gpu_precision  # noqa: E402
 
@@ -119,7 +116,7 @@ def build(impl: str, case: Case, device: str):
             over.update(act_layer="gelu", drop_path_rate=0.0)
         m = cvtlab.create_model(case.model, num_classes=200, img_size=case.img_size, **over)
         m = m.to(device)
-        amp = torch.bfloat16 if impl.startswith("cvtlab-bf16") else None
+        amp = torch.bfloat16 if impl == "cvtlab-bf16" else None
         return m, m, amp, ""
     cfg = cvtlab.models.get_config(case.model, num_classes=200, img_size=case.img_size)
     if case.model == "cvt_seed":
@@ -146,8 +143,7 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
         except (NotImplementedError, ModuleNotFoundError) as e:
             notes[impl] = f"not measured: {e}"
             continue
-        inference_only = impl.endswith("-compiled")
-        train_step = None if inference_only else make_train_step(fn, module, x, y, amp)
+        train_step = make_train_step(fn, module, x, y, amp)
 
         if amp is None:
 
@@ -159,30 +155,27 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
             # cvtlab's bf16 inference runs bf16 weights on bf16 inputs (as `cvtlab eval
             # --precision bf16` does): autocast would cast every weight on every call.
             bf16_model, xb = copy.deepcopy(module).to(amp).eval(), x.to(amp)
-            if inference_only:
-                bf16_model = compiled_for_inference(bf16_model)
 
             def infer(bf16_model=bf16_model, xb=xb):
                 with torch.inference_mode():
                     bf16_model(xb)
 
         for _ in range(warmup):
-            if train_step:
-                train_step()
+            train_step()
             infer()
         runners[impl] = (train_step, infer)
         notes[impl] = note
     times = {impl: {"train": [], "infer": []} for impl in runners}
     for _ in range(repeats):
         for impl, (train_step, infer) in runners.items():
-            if train_step:
-                times[impl]["train"].append(timed(train_step, sync))
+            times[impl]["train"].append(timed(train_step, sync))
             times[impl]["infer"].append(timed(infer, sync))
     out = {}
     for impl, t in times.items():
-        out[impl] = {"infer_images_per_s": case.batch / median(t["infer"])}
-        if t["train"]:
-            out[impl]["train_images_per_s"] = case.batch / median(t["train"])
+        out[impl] = {
+            "train_images_per_s": case.batch / median(t["train"]),
+            "infer_images_per_s": case.batch / median(t["infer"]),
+        }
     for impl, note in notes.items():
         out.setdefault(impl, {})["note"] = note
     return out
@@ -190,10 +183,7 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
 
 def peak_memory_per_image(case: Case, impl: str, device: str) -> float | None:
     """Peak memory of one training step (forward + backward) per image, in MiB (GPU: allocator
-    peak; CPU: peak RSS above the RSS before the step, in a fresh process); None for an
-    implementation timed in inference only."""
-    if impl.endswith("-compiled"):
-        return None
+    peak; CPU: peak RSS above the RSS before the step, in a fresh process)."""
     if device == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -250,9 +240,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--cases", default=",".join(c.key for c in CASES))
-    p.add_argument(
-        "--impls", default="cvtlab,cvtlab-bf16,cvtlab-bf16-compiled,transformers,vit-pytorch"
-    )
+    p.add_argument("--impls", default="cvtlab,cvtlab-bf16,transformers,vit-pytorch")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply every case's batch")
@@ -337,24 +325,21 @@ def main(argv=None) -> dict:
             f"{'impl':<14} {'train img/s':>11} {'×HF':>6} {'infer img/s':>11} {'×HF':>6} {'train GFLOP/s':>13} {'% of mm':>8}  {'MiB/img':>8}"
         )
         for impl, r in res.items():
-            if "infer_images_per_s" not in r:
+            if "train_images_per_s" not in r:
                 print(f"{impl:<14} {r.get('note', '')}")
                 continue
-            tr, inf = r.get("train_images_per_s"), r["infer_images_per_s"]
-            ratio_i = (
-                inf / base["infer_images_per_s"] if "infer_images_per_s" in base else float("nan")
-            )
-            r.update(infer_vs_transformers=ratio_i)
-            if tr is None:
-                print(f"{impl:<14} {'—':>11} {'':>6} {inf:>11.1f} {ratio_i:>6.2f}  inference only")
-                continue
+            tr, inf = r["train_images_per_s"], r["infer_images_per_s"]
             gflops = 3 * gflop_fwd * tr
-            peak = rates["bf16"] if "bf16" in impl else rates["fp32"]
+            peak = rates["bf16"] if impl.endswith("bf16") else rates["fp32"]
             ratio_t = (
                 tr / base["train_images_per_s"] if "train_images_per_s" in base else float("nan")
             )
+            ratio_i = (
+                inf / base["infer_images_per_s"] if "infer_images_per_s" in base else float("nan")
+            )
             r.update(
                 train_vs_transformers=ratio_t,
+                infer_vs_transformers=ratio_i,
                 train_gflops=gflops,
                 train_share_of_matmul=gflops / peak,
             )
@@ -363,12 +348,12 @@ def main(argv=None) -> dict:
                 f"{impl:<14} {tr:>11.1f} {ratio_t:>6.2f} {inf:>11.1f} {ratio_i:>6.2f} {gflops:>13.1f} {100 * gflops / peak:>7.1f}%  "
                 f"{mem if mem is not None else float('nan'):>8.2f}  {r.get('note', '')}"
             )
-        ours = {i: r for i, r in res.items() if i.startswith("cvtlab")}
-        trains = [i for i in ours if "train_images_per_s" in ours[i]]
-        infers = [i for i in ours if "infer_images_per_s" in ours[i]]
-        if "train_images_per_s" in base and len(trains) > 1:
-            best_train = max(trains, key=lambda i: ours[i]["train_vs_transformers"])
-            best_infer = max(infers, key=lambda i: ours[i]["infer_vs_transformers"])
+        ours = {
+            i: r for i, r in res.items() if i.startswith("cvtlab") and "train_images_per_s" in r
+        }
+        if "train_images_per_s" in base and len(ours) > 1:
+            best_train = max(ours, key=lambda i: ours[i]["train_vs_transformers"])
+            best_infer = max(ours, key=lambda i: ours[i]["infer_vs_transformers"])
             results[case.key]["best"] = {"train": best_train, "infer": best_infer}
             print(
                 f"best setting here: train {best_train} "
