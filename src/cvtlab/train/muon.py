@@ -8,9 +8,9 @@ filters and the classifier stay with AdamW, as in the method's own recipes.
 torch ships ``torch.optim.Muon``, but it always orthogonalises in bf16, and some CPUs multiply bf16
 matrices at about half their fp32 rate (RESULTS, throughput attempt 21): there the iterations took
 96 against 61 ms a step for the 30-minute recipe's model. Here they run in the dtype whose products
-are faster: bf16 on GPUs and on CPUs that train in bf16 (on AMD Zen 4 40 against 64 ms), fp32 on
-the others. One optimiser rather than two, because Lightning's automatic optimisation steps one, and one learning-
-rate schedule then scales every group.
+are faster: bf16 on GPUs and on CPUs that train in bf16 (on AMD Zen 4 40 against 64 ms), fp32 on the
+others. One optimiser rather than two, because Lightning's automatic optimisation steps one, and one
+learning-rate schedule then scales every group.
 """
 
 from __future__ import annotations
