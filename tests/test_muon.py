@@ -1,4 +1,4 @@
-"""``--optimizer muon``: orthogonalised steps for the blocks' matrices, AdamW for the rest."""
+"""``--optimizer muon``: orthogonalised steps for the channel-mixing weights, AdamW for the rest."""
 
 import copy
 
@@ -83,22 +83,38 @@ def test_a_muon_step_has_the_size_of_an_adamw_step(shape):
     assert 0.7 * 0.2e-3 < rms < 1.3 * 0.2e-3, rms
 
 
-def test_muon_groups_cover_the_blocks_matrices_and_nothing_else():
+def test_muon_groups_cover_the_channel_mixing_weights_and_nothing_else():
+    """The blocks' linear layers and the patch embeddings after the stem; the stem (it reads
+    pixels), the classifier, the depthwise filters, norms and biases stay with AdamW."""
     model = create_model("cvt_xs_64", num_classes=10, img_size=64)
     groups = param_groups(model, 0.05, muon=True)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = [names[id(p)] for g in groups if g.get("muon") for p in g["params"]]
-    assert muon and all(".blocks." in n and n.endswith(".weight") for n in muon)
     linear = [
         f"{m}.weight"
         for m, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and not m.startswith("head")
     ]
-    assert sorted(muon) == sorted(linear)
+    embeddings = ["stage1.patch_embed.proj.weight", "stage2.patch_embed.proj.weight"]
+    assert sorted(muon) == sorted(linear + embeddings)
     every = [p for g in groups for p in g["params"]]
     assert len(every) == len(set(map(id, every))) == len(list(model.parameters()))
-    with pytest.raises(ValueError, match="2-D"):
-        MuonAdamW([{"params": [model.stage0.patch_embed.proj.weight], "muon": True}])
+    with pytest.raises(ValueError, match="not vectors"):
+        MuonAdamW([{"params": [model.norm.weight], "muon": True}])
+
+
+def test_a_muon_step_on_a_convolution_orthogonalises_its_filters_as_one_matrix():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(32, 16, 3, 3))
+    before = w.detach().clone()
+    opt = MuonAdamW([{"params": [w], "muon": True, "weight_decay": 0.0}], lr=1e-3)
+    w.grad = torch.randn(32, 16, 3, 3)
+    opt.step()
+    step = (w.detach() - before).flatten(1)
+    assert 0.7 * 0.2e-3 < step.square().mean().sqrt().item() < 1.3 * 0.2e-3
+    # Rows of the 32 x 144 update are near orthogonal: its singular values are all alike.
+    sv = torch.linalg.svdvals(step)
+    assert sv.max() < 3 * sv.min(), sv
 
 
 def test_muon_trains_a_small_cvt_faster_than_chance_and_its_state_round_trips():

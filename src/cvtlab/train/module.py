@@ -25,17 +25,26 @@ from .muon import MuonAdamW
 
 def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
     """Optimiser groups: no decay on norms, biases (every tensor of one dimension) and the names
-    the model lists in ``no_weight_decay`` (the class token). With ``muon``, the 2-D weights of
-    the blocks (every linear layer but the classifier's) form a group of their own, marked
-    ``muon: True`` for :class:`~cvtlab.train.muon.MuonAdamW`."""
+    the model lists in ``no_weight_decay`` (the class token). With ``muon``, the weights that
+    mix channels inside the network (every linear layer but the classifier's, and the patch
+    embeddings after the stem) form a group of their own, marked ``muon: True`` for
+    :class:`~cvtlab.train.muon.MuonAdamW`; the stem, which reads pixels, the classifier and the
+    depthwise filters stay with AdamW."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    stem = getattr(getattr(model, "stage0", None), "patch_embed", None)
+    pixels = {id(p) for p in stem.parameters()} if stem is not None else set()
     decay, no_decay, matrices = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim <= 1 or name in skip:
             no_decay.append(p)
-        elif muon and p.ndim == 2 and not name.startswith("head."):
+        elif (
+            muon
+            and not name.startswith("head.")
+            and id(p) not in pixels
+            and (p.ndim == 2 or (p.ndim == 4 and p.shape[1] > 1))
+        ):
             matrices.append(p)
         else:
             decay.append(p)

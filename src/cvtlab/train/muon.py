@@ -44,7 +44,8 @@ def orthogonalize(update: Tensor, steps: int = 5, dtype: torch.dtype | None = No
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon for the groups marked ``muon: True`` (2-D weights only), AdamW for the others.
+    """Muon for the groups marked ``muon: True`` (weight matrices, and convolution filters taken
+    as out × (in·kh·kw) matrices), AdamW for the others.
 
     Both take the group's ``lr`` and decoupled ``weight_decay``. A Muon step is scaled by
     0.2·√max(rows, cols), which gives it the root-mean-square size of an AdamW step (Liu et al.,
@@ -78,8 +79,8 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
-            if group["muon"] and any(p.ndim != 2 for p in group["params"]):
-                raise ValueError("Muon groups take 2-D weight matrices only")
+            if group["muon"] and any(p.ndim < 2 for p in group["params"]):
+                raise ValueError("Muon groups take weight matrices and filters, not vectors")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -102,9 +103,11 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
             nesterov = p.grad.lerp(buf, momentum)
-            update = orthogonalize(nesterov, group["ns_steps"], self.ns_dtype)
+            # A convolution's filters as the matrix it multiplies patches by: out × (in·kh·kw).
+            matrix = nesterov.flatten(1)
+            update = orthogonalize(matrix, group["ns_steps"], self.ns_dtype).view_as(p)
             p.mul_(1 - lr * decay)
-            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(matrix.shape)))
 
     def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
