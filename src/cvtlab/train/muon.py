@@ -1,9 +1,11 @@
-"""Muon for the transformer blocks' weight matrices, AdamW for every other tensor, as one optimiser.
+"""Muon for the weights that mix channels, AdamW for every other tensor, as one optimiser.
 
 Muon (Jordan et al., 2024) steps a weight matrix along its momentum made orthogonal: the
 momentum's singular values are pushed towards one by a few Newton-Schulz iterations, so that every
-direction of the update moves as far as the largest one. Vectors (norms, biases), convolution
-filters and the classifier stay with AdamW, as in the method's own recipes.
+direction of the update moves as far as the largest one. A convolution's filters are stepped as the
+matrix they multiply patches by (out x in·kh·kw), as the method's own CIFAR-10 recipes do. Vectors
+(norms, biases), the stem, depthwise filters and the classifier stay with AdamW; which weights go
+where is ``cvtlab.train.module.param_groups``' choice.
 
 torch ships ``torch.optim.Muon``, but it always orthogonalises in bf16, and some CPUs multiply bf16
 matrices at about half their fp32 rate (RESULTS, throughput attempt 21): there the iterations took
