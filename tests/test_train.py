@@ -438,6 +438,17 @@ def test_a_muon_run_checkpoints_its_momentum_for_the_blocks_matrices(shapes_smal
     assert buffers == muon[0]["params"]  # every matrix stepped with Muon, none with AdamW
     assert json.loads((out / "metrics.json").read_text())["steps"] == 10
 
+    # A Muon run saved before Muon took the patch embeddings (they sat in AdamW's group) cannot
+    # be resumed into today's groups: one line that says what to do, not a Lightning traceback.
+    moved = muon[0]["params"][-1]
+    muon[0]["params"].remove(moved)
+    next(g for g in opt["param_groups"] if not g["muon"])["params"].append(moved)
+    torch.save(ckpt, out / "checkpoints" / "last.ckpt")
+    r = run_cli_here("train", "--resume", "--out", str(out), "--epochs", "2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "--resume" in r.stderr and "--pretrained" in r.stderr
+
 
 def test_recipe_with_unknown_key_and_occupied_output(trained, shapes_small, tmp_path):
     bad = tmp_path / "bad.yaml"

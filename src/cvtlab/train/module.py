@@ -374,6 +374,20 @@ class CvTClassifier(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- exact resume ----------------------------------------------------------------------
+    def _raise_if_grouped_differently(self, saved: dict) -> None:
+        # Muon's share of the weights grew once (the patch embeddings after the stem joined the
+        # blocks' linear layers); a state saved before cannot be restored into the new groups.
+        hp = self.hparams
+        muon = hp.get("optimizer", "adamw") == "muon"
+        want = [len(g["params"]) for g in param_groups(self.model, hp.weight_decay, muon=muon)]
+        have = [len(g["params"]) for g in saved.get("param_groups", [])]
+        if have != want:
+            raise CvtLabError(
+                f"--resume: the checkpoint's optimiser state groups its tensors {have}, this"
+                f" cvtlab {want} (a Muon run saved before Muon stepped the patch embeddings):"
+                " start a new run, or one from its weights with --pretrained"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_nonfinite()  # never save weights a non-finite loss has touched
         # Plain tensors and numbers only, so the checkpoint loads with weights_only=True.
@@ -390,6 +404,9 @@ class CvTClassifier(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("optimizer_states") or []
+        if saved and self._trainer is not None:  # resuming, not reading weights
+            self._raise_if_grouped_differently(saved[0])
         # Checkpoints written before images were counted held a fixed batch throughout.
         steps = checkpoint.get("global_step", 0)
         counted = checkpoint.get("images_trained") or {
