@@ -27,7 +27,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, help="epochs of linear warmup to the peak rate")
     p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay")
     p.add_argument(
-        "--optimizer", help="adamw, or muon (Muon for the blocks' weight matrices, AdamW else)"
+        "--optimizer",
+        help="adamw, or muon (Muon for the weights that mix channels, AdamW for the rest)",
     )
     p.add_argument("--label-smoothing", type=float, help="0 turns it off")
     p.add_argument("--ema-decay", type=float, help="decay of the weight EMA, e.g. 0.999 (0: off)")

@@ -28,8 +28,9 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate at batch_size 512, scaled linearly to batch_size
     scale_lr: bool = True
     weight_decay: float = 0.05
-    # "adamw", or "muon": orthogonalised momentum for the blocks' weight matrices, AdamW for the
-    # other tensors, at the same rate and decay (train/muon.py)
+    # "adamw", or "muon": orthogonalised momentum for the weights that mix channels (the blocks'
+    # linear layers, the patch embeddings after the stem), AdamW for the other tensors, at the
+    # same rate and decay (train/muon.py)
     optimizer: str = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 5.0
