@@ -375,8 +375,9 @@ class CvTClassifier(L.LightningModule):
 
     # -- exact resume ----------------------------------------------------------------------
     def _raise_if_grouped_differently(self, saved: dict) -> None:
-        # Muon's share of the weights grew once (the patch embeddings after the stem joined the
-        # blocks' linear layers); a state saved before cannot be restored into the new groups.
+        # A state saved under other groups cannot be restored: a resume with another
+        # --optimizer, or a Muon run saved before the patch embeddings after the stem joined the
+        # blocks' linear layers in Muon's group.
         hp = self.hparams
         muon = hp.get("optimizer", "adamw") == "muon"
         want = [len(g["params"]) for g in param_groups(self.model, hp.weight_decay, muon=muon)]
@@ -384,8 +385,8 @@ class CvTClassifier(L.LightningModule):
         if have != want:
             raise CvtLabError(
                 f"--resume: the checkpoint's optimiser state groups its tensors {have}, this"
-                f" cvtlab {want} (a Muon run saved before Muon stepped the patch embeddings):"
-                " start a new run, or one from its weights with --pretrained"
+                f" run {want} (another --optimizer, or a Muon run saved before Muon stepped the"
+                " patch embeddings): start a new run, or one from its weights with --pretrained"
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
