@@ -1,16 +1,21 @@
-"""AdamW step time, per-op (foreach) against fused, on a registered model's parameters.
+"""Optimiser step time: AdamW per-op (foreach) against fused on a registered model's
+parameters, and Muon's step weight by weight against same-shaped weights batched.
 
-    python benchmarks/optimizer.py                       # cvt_xs_64 and cvt_13_64
-    python benchmarks/optimizer.py --models cvt_xs_64 --steps 20
+    python benchmarks/optimizer.py                       # cvt_xs_64 and cvt_13_64; Muon on the
+                                                         # cpu_30min recipe's model
+    python benchmarks/optimizer.py --models cvt_xs_64 --steps 20 --muon-recipe none
 
-The training module uses the fused AdamW; this is the measurement behind that choice. Steps are
-timed interleaved (foreach, fused, foreach, …) on fixed random gradients, after warm-up; the
-median per step is reported with the ratio. Writes benchmarks/results/optimizer-<machine>.json.
+The training module uses the fused AdamW and the batched Muon step; this is the measurement
+behind those choices. Steps are timed interleaved (foreach, fused, foreach, …) on fixed random
+gradients, after warm-up; the median per step is reported with the ratio. Muon is timed on its
+own group (the weights it steps), with the orthogonalising products in fp32 and in bf16.
+Writes benchmarks/results/optimizer-<machine>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, timed, write_result  # noqa: E402
 
 from cvtlab.models.registry import create_model  # noqa: E402
+from cvtlab.train.config import make_config  # noqa: E402
+from cvtlab.train.module import param_groups  # noqa: E402
+from cvtlab.train.muon import MuonAdamW, orthogonalize  # noqa: E402
 
 
 def time_model(name: str, steps: int, repeats: int, device: str) -> dict:
@@ -53,11 +61,65 @@ def time_model(name: str, steps: int, repeats: int, device: str) -> dict:
     }
 
 
+@torch.no_grad()
+def muon_step_per_weight(opt: MuonAdamW) -> None:
+    """Muon's step one weight at a time: the loop MuonAdamW ran before it batched weights of one
+    shape, kept here as the baseline (same state, same arithmetic)."""
+    for group in opt.param_groups:
+        lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            buf = opt.state[p]["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            matrix = p.grad.lerp(buf, momentum).flatten(1)
+            update = orthogonalize(matrix, group["ns_steps"], opt.ns_dtype).view_as(p)
+            p.mul_(1 - lr * decay)
+            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(matrix.shape)))
+
+
+def time_muon(recipe: str, steps: int, repeats: int, device: str) -> dict:
+    """Muon's group of the recipe's model: weight by weight against batched by shape."""
+    cfg = make_config(recipe)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, num_classes=200, **cfg.model_overrides).to(device)
+    group = param_groups(model, cfg.weight_decay, muon=True)[0]
+    for p in group["params"]:
+        p.grad = torch.randn_like(p)
+    shapes = {tuple(sorted(p.flatten(1).shape)) for p in group["params"]}
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    out = {"weights": len(group["params"]), "shapes": len(shapes)}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        opt = MuonAdamW([group], lr=1e-4, ns_dtype=dtype)
+        runs = {"per_weight": lambda opt=opt: muon_step_per_weight(opt), "batched": opt.step}
+        opt.step()  # creates the momentum buffers
+        for _ in range(2):  # warm-up
+            for run in runs.values():
+                run()
+        times = {kind: [] for kind in runs}
+        for _ in range(repeats):
+            for kind, run in runs.items():
+
+                def many(run=run):
+                    for _ in range(steps):
+                        run()
+
+                times[kind].append(timed(many, sync) / steps * 1e3)
+        ms = {kind: median(t) for kind, t in times.items()}
+        out[label] = {
+            "per_weight_ms": ms["per_weight"],
+            "batched_ms": ms["batched"],
+            "speedup": ms["per_weight"] / ms["batched"],
+        }
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="cvt_xs_64,cvt_13_64")
     p.add_argument("--steps", type=int, default=10, help="optimiser steps per timing")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--muon-recipe", default="cpu_30min", help="recipe whose model Muon is timed on; none: skip"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -70,6 +132,16 @@ def main(argv=None) -> dict:
         )
     payload = {"device": args.device, "steps": args.steps, "repeats": args.repeats}
     payload["models"] = results
+    if args.muon_recipe != "none":
+        m = payload["muon"] = time_muon(args.muon_recipe, args.steps, args.repeats, args.device)
+        m["recipe"] = args.muon_recipe
+        for label in ("fp32", "bf16"):
+            r = m[label]
+            print(
+                f"Muon ({args.muon_recipe}, {m['weights']} weights in {m['shapes']} shapes, {label})"
+                f"  per weight {r['per_weight_ms']:7.2f} ms  batched {r['batched_ms']:7.2f} ms"
+                f"  {r['speedup']:.2f}x"
+            )
     if not args.no_write:
         print(write_result("optimizer", payload))
     return payload

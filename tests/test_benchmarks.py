@@ -116,7 +116,7 @@ def test_pipeline_benchmark_runs():
     assert not any(k.startswith("pipeline_workers") for k in row)
 
 
-def test_optimizer_benchmark_times_both_adamw_kernels():
+def test_optimizer_benchmark_times_both_adamw_kernels_and_both_muon_steps():
     import optimizer
 
     payload = optimizer.main(
@@ -124,3 +124,8 @@ def test_optimizer_benchmark_times_both_adamw_kernels():
     )
     r = payload["models"]["cvt_seed"]
     assert r["parameters"] > 0 and r["foreach_ms"] > 0 and r["fused_ms"] > 0
+    muon = payload["muon"]
+    # The recipe's 29 Muon weights repeat in 9 shapes: 9 batched orthogonalisations a step.
+    assert (muon["recipe"], muon["weights"], muon["shapes"]) == ("cpu_30min", 29, 9)
+    for dtype in ("fp32", "bf16"):
+        assert muon[dtype]["per_weight_ms"] > 0 and muon[dtype]["batched_ms"] > 0

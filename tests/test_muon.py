@@ -31,6 +31,37 @@ def test_orthogonalize_keeps_the_singular_vectors_and_evens_the_singular_values(
     assert (within > 0).all() and torch.allclose(within.norm(), o.norm(), rtol=rtol)
 
 
+def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():
+    torch.manual_seed(0)
+    for shape in ((3, 48, 80), (2, 80, 48)):
+        stack = torch.randn(shape)
+        together = orthogonalize(stack)
+        alone = torch.stack([orthogonalize(m) for m in stack])
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_of_one_shape_step_as_they_would_alone():
+    """The optimiser orthogonalises same-shaped weights together; each must move as if it were
+    the only weight in its group (momentum, decay and scale included)."""
+    torch.manual_seed(0)
+    shapes = [(32, 64), (32, 64), (64, 32), (16, 8, 3, 3), (32, 64)]
+    together = [nn.Parameter(torch.randn(s)) for s in shapes]
+    alone = [nn.Parameter(w.detach().clone()) for w in together]
+    opt = MuonAdamW([{"params": together, "muon": True, "weight_decay": 0.1}], lr=1e-2)
+    singles = [
+        MuonAdamW([{"params": [w], "muon": True, "weight_decay": 0.1}], lr=1e-2) for w in alone
+    ]
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for w, v, g in zip(together, alone, grads):
+            w.grad, v.grad = g, g.clone()
+        opt.step()
+        for single in singles:
+            single.step()
+    for w, v in zip(together, alone):
+        torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("precision", "expected"),
     [("32", None), ("bf16-mixed", torch.bfloat16)],

@@ -32,17 +32,24 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 def orthogonalize(update: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
     """The matrix with ``update``'s singular vectors and singular values near one, computed in
-    ``dtype`` (by default bf16 on GPUs, fp32 on CPUs)."""
+    ``dtype`` (by default bf16 on GPUs, fp32 on CPUs). A stack of matrices (``batch x rows x
+    cols``) is orthogonalised matrix by matrix, in one batched product per step."""
     a, b, c = NS_COEFFICIENTS
     x = update.to(dtype or (torch.bfloat16 if update.is_cuda else torch.float32))
-    wide = x.size(0) <= x.size(1)
+    stacked = x.ndim == 3
+    if not stacked:
+        x = x.unsqueeze(0)
+    wide = x.size(-2) <= x.size(-1)
     if not wide:  # the Gram matrix of the shorter side is the cheaper one
-        x = x.T
-    x = x / x.norm().clamp(min=1e-7)  # the spectral norm is at most the Frobenius norm
+        x = x.mT
+    # The spectral norm is at most the Frobenius norm.
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x if wide else x.T).to(update.dtype)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if not wide:
+        x = x.mT
+    return (x if stacked else x.squeeze(0)).to(update.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -99,17 +106,36 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon_step(self, group: dict, params: list[Tensor]) -> None:
         lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)
-            nesterov = p.grad.lerp(buf, momentum)
-            # A convolution's filters as the matrix it multiplies patches by: out × (in·kh·kw).
-            matrix = nesterov.flatten(1)
-            update = orthogonalize(matrix, group["ns_steps"], self.ns_dtype).view_as(p)
-            p.mul_(1 - lr * decay)
-            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(matrix.shape)))
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        nesterov = torch._foreach_lerp(grads, buffers, momentum)
+        # Weights of one shape are orthogonalised together, a tall matrix as its transpose (the
+        # same singular vectors, swapped): a block's layers repeat from block to block, and one
+        # batched product per shape costs less than one product per weight (29 weights in 9
+        # shapes in the 30-minute recipe's model; the same result, to rounding). A convolution's
+        # filters count as the matrix it multiplies patches by: out x in·kh·kw.
+        matrices = [n.flatten(1) for n in nesterov]
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, m in enumerate(matrices):
+            by_shape.setdefault((min(m.shape), max(m.shape)), []).append(i)
+        torch._foreach_mul_(params, 1 - lr * decay)
+        for shape, members in by_shape.items():
+            tall = [matrices[i].size(0) > matrices[i].size(1) for i in members]
+            stack = torch.stack(
+                [matrices[i].T if t else matrices[i] for i, t in zip(members, tall)]
+            )
+            updates = orthogonalize(stack, group["ns_steps"], self.ns_dtype).unbind(0)
+            torch._foreach_add_(
+                [params[i] for i in members],
+                [
+                    (u.T if t else u).reshape_as(params[i])
+                    for i, u, t in zip(members, updates, tall)
+                ],
+                alpha=-lr * 0.2 * math.sqrt(shape[1]),
+            )
 
     def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
