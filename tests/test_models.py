@@ -218,3 +218,54 @@ def test_shared_projection_model_option_runs_and_summarises():
     assert summary_shared["total_macs"] < summary_plain["total_macs"]
     assert summary_shared["total_params"] < summary_plain["total_params"]
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 200)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("cvt_13", {}),
+        ("cvt_xs_64", {"stride_kv": [2, 2, 1], "shared_projection": True}),  # q, k, v shared
+        ("cvt_xs_64", {"shared_projection": True}),  # q alone, k and v shared
+    ],
+)
+def test_last_block_skips_the_tokens_the_head_never_reads(name, overrides):
+    """With a class-token head the last block computes the class token alone: the same logits
+    and the same gradients for every weight as computing every token, in training (batch
+    statistics, stochastic depth drawn alike) and in eval."""
+    torch.manual_seed(0)
+    model = cvtlab.create_model(name, num_classes=10, img_size=64, **overrides)
+    assert model.skip_unread_tokens
+    x = torch.randn(4, 3, 64, 64)
+    last = model.stage2.blocks[-1]
+    calls = []
+    last.mlp.register_forward_hook(lambda m, a, out: calls.append(out.shape[1]))
+    for mode in (True, False):
+        model.train(mode)
+        results = {}
+        for skip in (True, False):
+            model.skip_unread_tokens = skip
+            model.zero_grad()
+            torch.manual_seed(1)
+            logits = model(x)
+            logits.square().sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[skip] = logits, grads
+        torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+        skipped, full = results[True][1], results[False][1]
+        for n, g in full.items():
+            torch.testing.assert_close(skipped.get(n, torch.zeros_like(g)), g, atol=1e-5, rtol=1e-4)
+    assert calls == [1, 17, 1, 17]  # the class token alone, then all 16 map tokens and it
+    # The layer tables still show the architecture's every token.
+    model.skip_unread_tokens = True
+    name = f"stage2.blocks.{len(model.stage2.blocks) - 1}.mlp.fc2"
+    (row,) = [r for r in summarize(model)["layers"] if r["name"] == name]
+    assert row["output_shape"][0] == 17 and model.skip_unread_tokens
+
+
+def test_mean_pooled_head_computes_every_token():
+    model = cvtlab.create_model("cvt_xs_64", cls_token=False).eval()
+    calls = []
+    model.stage2.blocks[-1].mlp.register_forward_hook(lambda m, a, out: calls.append(out.shape[1]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert calls == [16]

@@ -81,6 +81,11 @@ def summarize(model: nn.Module, img_size: int | None = None) -> dict:
         if isinstance(module, (*_LEAF_TYPES, ConvAttention)):
             hooks.append(module.register_forward_hook(record(name)))
     was_training = model.training
+    # Count every token of the last block, as the architecture (and its paper) does, though a
+    # CvT with a class token skips the ones its head never reads.
+    skipping = getattr(model, "skip_unread_tokens", None)
+    if skipping is not None:
+        model.skip_unread_tokens = False
     model.eval()
     try:
         with torch.no_grad():
@@ -90,6 +95,8 @@ def summarize(model: nn.Module, img_size: int | None = None) -> dict:
         for h in hooks:
             h.remove()
         model.train(was_training)
+        if skipping is not None:
+            model.skip_unread_tokens = skipping
     layers = [asdict(r) for r in rows]
     for layer in layers:
         layer["output_shape"] = list(layer["output_shape"])

@@ -155,9 +155,13 @@ class ConvAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, cls_only: bool = False) -> torch.Tensor:
+        """Tokens (B, N, C) → attention output (B, N, C); with ``cls_only``, the class token's
+        row alone (B, 1, C): keys and values still come from every token, queries from it."""
         if self.with_cls_token:
             cls_token, x = x[:, :1], x[:, 1:]
+        elif cls_only:
+            raise ValueError("cls_only needs a class token")
         # A (B, N, C) token map viewed as (B, C, H, W) is already channels-last; after the class
         # token is cut off it is not quite (the batch stride is one token longer), and each conv
         # below would copy it. One copy here serves all three.
@@ -169,8 +173,11 @@ class ConvAttention(nn.Module):
         with _fp32_on_cpu(x) as fp32:
             if fp32:
                 grid = grid.float()
+            # A query projection of its own is not needed when only the class token asks.
             maps = [
-                getattr(self, f"conv_proj_{name}")(grid).flatten(2).transpose(1, 2)
+                None
+                if cls_only and name == "q"
+                else getattr(self, f"conv_proj_{name}")(grid).flatten(2).transpose(1, 2)
                 for name in self.projections
             ]
         # The class token joins after the linear projections, not before: the same result, but
@@ -180,8 +187,15 @@ class ConvAttention(nn.Module):
         qkv = []
         for name, t in zip(self.projections, maps):
             lin = getattr(self, f"proj_{name}")
-            out = torch.cat((lin(cls_token), lin(t)), dim=1) if self.with_cls_token else lin(t)
+            if t is None:
+                out = lin(cls_token)
+            elif self.with_cls_token:
+                out = torch.cat((lin(cls_token), lin(t)), dim=1)
+            else:
+                out = lin(t)
             qkv.extend(out.chunk(len(name), dim=-1))
+        if cls_only:
+            qkv[0] = qkv[0][:, :1]
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in qkv)
         drop = self.attn_drop if self.training else 0.0
         if x.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= EXPLICIT_ATTENTION_MAX_SCORES:
@@ -232,6 +246,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+    def forward(self, x: torch.Tensor, h: int, w: int, cls_only: bool = False) -> torch.Tensor:
+        """Tokens (B, N, C) → (B, N, C); with ``cls_only``, only the class token's output
+        (B, 1, C), the only row a class-token head reads after the last block."""
+        shortcut = x[:, :1] if cls_only else x
+        x = shortcut + self.drop_path(self.attn(self.norm1(x), h, w, cls_only=cls_only))
         return x + self.drop_path(self.mlp(self.norm2(x)))
