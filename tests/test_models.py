@@ -252,8 +252,11 @@ def test_last_block_skips_the_tokens_the_head_never_reads(name, overrides):
             results[skip] = logits, grads
         torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
         skipped, full = results[True][1], results[False][1]
+        # Every weight gets a gradient (DDP needs one each step): the unread query projection
+        # a zero one, as in the full computation.
+        assert skipped.keys() == full.keys() == {n for n, _ in model.named_parameters()}
         for n, g in full.items():
-            torch.testing.assert_close(skipped.get(n, torch.zeros_like(g)), g, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(skipped[n], g, atol=1e-5, rtol=1e-4)
     assert calls == [1, 17, 1, 17]  # the class token alone, then all 16 map tokens and it
     # The layer tables still show the architecture's every token.
     model.skip_unread_tokens = True
@@ -269,3 +272,58 @@ def test_mean_pooled_head_computes_every_token():
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
     assert calls == [16]
+
+
+DDP_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+import cvtlab
+
+rank = int(sys.argv[1])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+torch.manual_seed(0)
+model = cvtlab.create_model(
+    "cvt_xs_64", num_classes=5, dims=[16, 32, 64], heads=[1, 2, 2], depths=[1, 1, 2]
+)
+assert model.skip_unread_tokens
+ddp = torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False
+opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+torch.manual_seed(rank)  # each process its own batch
+for _ in range(3):
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
+    torch.nn.functional.cross_entropy(ddp(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+copies = [torch.empty_like(flat) for _ in range(2)]
+dist.all_gather(copies, flat)
+assert torch.equal(copies[0], copies[1])
+dist.destroy_process_group()
+"""
+
+
+def test_class_token_model_trains_under_ddp_defaults(tmp_path):
+    """DDP (as Lightning's `--strategy ddp` builds it) wants a gradient for every parameter
+    each step; the last block's skipped tokens must not leave one without."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "ddp_cls.py"
+    script.write_text(DDP_SCRIPT)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    results = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]

@@ -23,7 +23,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, opset: int = 17) -
         raise CvtLabError(f"--format must be safetensors or onnx, not {fmt!r}")
     example = torch.zeros(1, 3, predictor.img_size, predictor.img_size)
     tmp = out.with_name(out.name + ".tmp")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer notes about the input-size check
         torch.onnx.export(
             model,

@@ -196,6 +196,12 @@ class ConvAttention(nn.Module):
             qkv.extend(out.chunk(len(name), dim=-1))
         if cls_only:
             qkv[0] = qkv[0][:, :1]
+            if "q" in self.projections and torch.is_grad_enabled():
+                # The queries' own projection is read by nothing here, but it still joins the
+                # graph with the zero gradient the full computation gives it: DDP expects every
+                # parameter to get a gradient in every step.
+                unread = sum(p.sum() for p in self.conv_proj_q.parameters())
+                qkv[0] = qkv[0] + 0 * unread
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in qkv)
         drop = self.attn_drop if self.training else 0.0
         if x.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= EXPLICIT_ATTENTION_MAX_SCORES:
