@@ -1,4 +1,7 @@
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -260,8 +263,8 @@ def test_last_block_skips_the_tokens_the_head_never_reads(name, overrides):
     assert calls == [1, 17, 1, 17]  # the class token alone, then all 16 map tokens and it
     # The layer tables still show the architecture's every token.
     model.skip_unread_tokens = True
-    name = f"stage2.blocks.{len(model.stage2.blocks) - 1}.mlp.fc2"
-    (row,) = [r for r in summarize(model)["layers"] if r["name"] == name]
+    fc2 = f"stage2.blocks.{len(model.stage2.blocks) - 1}.mlp.fc2"
+    (row,) = [r for r in summarize(model)["layers"] if r["name"] == fc2]
     assert row["output_shape"][0] == 17 and model.skip_unread_tokens
 
 
@@ -306,10 +309,6 @@ dist.destroy_process_group()
 def test_class_token_model_trains_under_ddp_defaults(tmp_path):
     """DDP (as Lightning's `--strategy ddp` builds it) wants a gradient for every parameter
     each step; the last block's skipped tokens must not leave one without."""
-    import socket
-    import subprocess
-    import sys
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
