@@ -1,7 +1,9 @@
 """`precision: auto`: the training precision follows what this machine runs fastest."""
 
 import pytest
+import torch
 
+from cvtlab.train import precision
 from cvtlab.train.precision import choose_cpu_precision, product_rates, resolve_precision
 
 
@@ -11,6 +13,7 @@ from cvtlab.train.precision import choose_cpu_precision, product_rates, resolve_
         (6.4, "bf16-mixed"),  # a Xeon with AMX (benchmarks/RESULTS.md)
         (2.2, "bf16-mixed"),  # an AMD Zen 4: AVX-512 bf16 dot products
         (0.55, "32"),  # a Xeon whose AMX the hypervisor hides
+        (0.01, "32"),  # an AMD Zen 3: no bf16 instructions
         (1.0, "32"),  # no faster products: autocast's casts would only cost
     ],
 )
@@ -42,3 +45,19 @@ def test_ddp_processes_take_the_first_process_choice(monkeypatch):
     assert resolve_precision("auto", "cpu") == (other, "auto, chosen by the run's first process")
     monkeypatch.setenv("LOCAL_RANK", "0")  # a first process measures; it never inherits
     assert "x the fp32 rate on this CPU" in resolve_precision("auto", "cpu")[1]
+
+
+@pytest.mark.parametrize("bf16_over_fp32, sizes", [(0.01, [256]), (0.55, [256, 1024])])
+def test_emulated_bf16_is_settled_by_the_small_probe(monkeypatch, bf16_over_fp32, sizes):
+    # Without bf16 instructions a 1,024-square bf16 product takes seconds (Zen 3: 0.8 GFLOP/s),
+    # so the full measurement would add half a minute to every run's start; the probe decides.
+    timed = []
+
+    def fake_rates(n, rounds):
+        timed.append(n)
+        return {torch.float32: 100.0, torch.bfloat16: 100.0 * bf16_over_fp32}
+
+    monkeypatch.setattr(precision, "_timed_rates", fake_rates)
+    rates = product_rates(n=1024)
+    assert timed == sizes
+    assert choose_cpu_precision(rates[torch.float32], rates[torch.bfloat16]) == "32"

@@ -2,10 +2,10 @@
 
 bf16 autocast pays off only where the hardware multiplies bf16 faster than fp32. On CPUs that
 differs from machine to machine: with AMX, bf16 products ran 6.4x the fp32 rate; on an AMD Zen 4
-(AVX-512 bf16 dot products) 2.2x; on an Intel Xeon whose AMX the hypervisor hides, 0.55x, where
-the 30-minute recipe trained 0.6-0.7x as fast in bf16 as in fp32 and lost four points of top-1
-(benchmarks/RESULTS.md, attempts Z28 and Z29). So on a CPU
-``auto`` times one product in each dtype and chooses.
+(AVX-512 bf16 dot products) 2.2x; on an AMD Zen 3 (no bf16 instructions) 0.01x; on an Intel Xeon
+whose AMX the hypervisor hides, 0.55x, where the 30-minute recipe trained 0.6-0.7x as fast in
+bf16 as in fp32 and lost four points of top-1 (benchmarks/RESULTS.md, attempts Z28 and Z29). So
+on a CPU ``auto`` times one product in each dtype and chooses.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import time
 import torch
 
 # bf16 autocast adds casts and keeps some ops in fp32, so its products must be clearly faster
-# before the step is: the machines measured sit at 0.55x, 2.2x and 6.4x.
+# before the step is: the machines measured sit at 0.01x, 0.55x, 2.2x and 6.4x.
 BF16_MIN_SPEEDUP = 1.3
 # Lightning starts DDP's other processes on a machine by re-running the command; they inherit
 # the first process's environment, and with it its choice, so they all train in one precision.
 _ENV = "CVTLAB_AUTO_PRECISION"
+# An AMD Zen 3 (AVX2, no bf16 instructions) multiplied bf16 at 0.01x the fp32 rate.
+BF16_EMULATED = 0.1
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-def product_rates(n: int = 1024, rounds: int = 7) -> dict[torch.dtype, float]:
-    """Median GFLOP/s of an n × n matrix product in fp32 and in bf16 on the CPU, timed in
-    alternation so that a change in the machine's speed touches both alike (0.1-0.3 s)."""
+def _timed_rates(n: int, rounds: int) -> dict[torch.dtype, float]:
     pairs = {dt: (torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)) for dt in _DTYPES}
     for a, b in pairs.values():  # warm-up: the first calls pick and prepare the kernels
         a @ b
@@ -39,6 +39,19 @@ def product_rates(n: int = 1024, rounds: int = 7) -> dict[torch.dtype, float]:
             a @ b
             times[dt].append(time.perf_counter() - t)
     return {dt: 2 * n**3 / statistics.median(ts) / 1e9 for dt, ts in times.items()}
+
+
+def product_rates(n: int = 1024, rounds: int = 7) -> dict[torch.dtype, float]:
+    """Median GFLOP/s of an n × n matrix product in fp32 and in bf16 on the CPU, timed in
+    alternation so that a change in the machine's speed touches both alike (0.1-0.3 s).
+
+    A 256² probe runs first. Where it finds bf16 under ``BF16_EMULATED`` of the fp32 rate (a
+    CPU without bf16 instructions, where the library emulates them), its rates are returned:
+    there the full measurement would take half a minute to confirm what the probe shows."""
+    probe = _timed_rates(min(n, 256), rounds=3)
+    if probe[torch.bfloat16] < BF16_EMULATED * probe[torch.float32]:
+        return probe
+    return _timed_rates(n, rounds)
 
 
 def choose_cpu_precision(fp32_rate: float, bf16_rate: float) -> str:
@@ -81,6 +94,7 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> tuple[str, s
 
 
 __all__ = [
+    "BF16_EMULATED",
     "BF16_MIN_SPEEDUP",
     "choose_cpu_precision",
     "choose_gpu_precision",
