@@ -66,6 +66,31 @@ def test_train_size_schedule():
     assert train_size_at(None, 4) is None
 
 
+def test_phases_may_start_within_an_epoch_under_a_budget_and_sizes_are_never_truncated():
+    from cvtlab.train.config import batch_size_at, train_size_at
+
+    # A budget schedule's epoch is fractional, so a phase can start at 2.4 of 12 epochs (a fifth
+    # of the budget); int() used to turn that into 2 without a word.
+    cfg = make_config(
+        train_sizes=[[0, 32], [2.4, 64]],
+        train_batch_sizes=[[0.0, 512], [2.4, 96.0]],
+        max_minutes=30,
+        budget_schedule=True,
+    )
+    assert cfg.train_sizes == [[0, 32], [2.4, 64]]
+    assert cfg.train_batch_sizes == [[0, 512], [2.4, 96]]
+    assert [train_size_at(cfg.train_sizes, e)[0] for e in (2.39, 2.4)] == [32, 64]
+    assert [batch_size_at(cfg.train_batch_sizes, e, 128) for e in (2.39, 2.4)] == [512, 96]
+    with pytest.raises(CvtLabError, match="phase from epoch 2.4 needs budget_schedule"):
+        make_config(train_sizes=[[0, 32], [2.4, 64]])
+    with pytest.raises(CvtLabError, match="train_batch_sizes: a phase from epoch 0.5"):
+        make_config(train_batch_sizes=[[0, 512], [0.5, 96]])
+    with pytest.raises(CvtLabError, match="whole-number sizes"):
+        make_config(train_sizes=[[0, 32.5]])
+    with pytest.raises(CvtLabError, match="whole-number batch sizes"):
+        make_config(train_batch_sizes=[[0, 96.5]])
+
+
 def test_train_batch_schedule():
     from cvtlab.train.config import batch_size_at
 

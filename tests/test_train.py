@@ -391,6 +391,8 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--train-sizes", "0-32"], ["--train-sizes", "'0-32'", "FROM_EPOCH:SIZE"]),
         (["--train-sizes", "0:96:crop"], ["cannot crop 96 px from 64-px images"]),
         (["--train-sizes", "1:32"], ["train_sizes must be", "starting at epoch 0"]),
+        (["--train-sizes", "0:32.5"], ["--train-sizes", "'0:32.5'", "FROM_EPOCH:SIZE"]),
+        (["--train-sizes", "0:32,2.5:64"], ["phase from epoch 2.5 needs budget_schedule"]),
         (["--test-checkpoint", "final"], ["--test-checkpoint", "best or last", "'final'"]),
         (["--optimizer", "sgd"], ["--optimizer must be adamw or muon, not 'sgd'"]),
         (["--train-batch-sizes", "0:big"], ["--train-batch-sizes", "'0:big'", "FROM_EPOCH:BATCH"]),

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from ..errors import CvtLabError
+from .config import phase_start, whole_number
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -87,8 +88,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def _train_batch_sizes(text: str) -> list[list]:
     try:
-        return [[int(n) for n in part.split(":", 1)] for part in text.split(",")]
-    except ValueError:
+        entries = [part.split(":", 1) for part in text.split(",")]
+        return [[phase_start(e[0]), whole_number(e[1])] for e in entries]
+    except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a list of FROM_EPOCH:BATCH entries like 0:256,4:128"
         ) from None
@@ -97,7 +99,7 @@ def _train_batch_sizes(text: str) -> list[list]:
 def _train_sizes(text: str) -> list[list]:
     try:
         entries = [part.split(":") for part in text.split(",")]
-        return [[int(e[0]), int(e[1]), *e[2:]] for e in entries]
+        return [[phase_start(e[0]), whole_number(e[1]), *e[2:]] for e in entries]
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a list of FROM_EPOCH:SIZE[:crop] entries like 0:32,3:48:crop"

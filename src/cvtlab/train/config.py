@@ -134,6 +134,14 @@ class TrainConfig:
             self.train_sizes = _check_train_sizes(self.train_sizes)
         if self.train_batch_sizes is not None:
             self.train_batch_sizes = _check_train_batch_sizes(self.train_batch_sizes)
+        for key in ("train_sizes", "train_batch_sizes"):
+            fractional = [e[0] for e in getattr(self, key) or [] if isinstance(e[0], float)]
+            if fractional and not self.budget_schedule:
+                raise CvtLabError(
+                    f"{key}: a phase from epoch {fractional[0]} needs budget_schedule "
+                    "(--budget-schedule), whose epochs advance within an epoch; without it "
+                    "phases start at whole epochs"
+                )
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise CvtLabError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.budget_schedule and not self.max_minutes:
@@ -163,13 +171,28 @@ def _phases_in_order(entries: list[list]) -> bool:
     return bool(entries) and epochs[0] == 0 and epochs == sorted(set(epochs))
 
 
+def phase_start(value: Any) -> int | float:
+    """A phase's first epoch: a whole number, or a fraction (only a budget schedule, whose epoch
+    advances within an epoch, can start a phase there). Raises ValueError or TypeError."""
+    start = float(value)
+    return int(start) if start.is_integer() else start
+
+
+def whole_number(value: Any) -> int:
+    """An image size or a batch, which int() would truncate silently (32.5 -> 32)."""
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
+
+
 def _check_train_sizes(value: Any) -> list[list]:
     problem = (
         "train_sizes must be a list of [from_epoch, size] or [from_epoch, size, 'crop'] entries "
-        f"starting at epoch 0, not {value!r}"
+        f"starting at epoch 0, with whole-number sizes, not {value!r}"
     )
     try:
-        entries = [[int(e[0]), int(e[1]), *e[2:]] for e in value]
+        entries = [[phase_start(e[0]), whole_number(e[1]), *e[2:]] for e in value]
     except (TypeError, ValueError, IndexError, KeyError):
         raise CvtLabError(problem) from None
     if (
@@ -184,10 +207,10 @@ def _check_train_sizes(value: Any) -> list[list]:
 def _check_train_batch_sizes(value: Any) -> list[list[int]]:
     problem = (
         "train_batch_sizes must be a list of [from_epoch, batch_size] entries starting at epoch 0, "
-        f"with positive batch sizes, not {value!r}"
+        f"with positive whole-number batch sizes, not {value!r}"
     )
     try:
-        entries = [[int(e[0]), int(e[1])] for e in value if len(e) == 2]
+        entries = [[phase_start(e[0]), whole_number(e[1])] for e in value if len(e) == 2]
     except (TypeError, ValueError, KeyError):
         raise CvtLabError(problem) from None
     if (
