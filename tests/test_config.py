@@ -91,6 +91,28 @@ def test_phases_may_start_within_an_epoch_under_a_budget_and_sizes_are_never_tru
         make_config(train_batch_sizes=[[0, 96.5]])
 
 
+def test_recipe_numbers_take_their_fields_types_or_fail_in_one_line(tmp_path):
+    def recipe_with(text: str) -> Path:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(f"model: cvt_seed\n{text}\n")
+        return path
+
+    # YAML 1.1 reads 3e-3 (no dot) as a string; it used to end in a TypeError.
+    cfg = make_config(recipe_with("lr: 3e-3\nweight_decay: 0\nepochs: 12.0"))
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.003, 0.0, 12)
+    assert isinstance(cfg.epochs, int) and isinstance(cfg.weight_decay, float)
+    for text, message in [
+        ("batch_size: 96.5", "batch_size must be a whole number, not 96.5"),
+        ("epochs: ten", "epochs must be a whole number, not 'ten'"),
+        ("lr: .nan", "lr must be a number, not nan"),
+        ("max_minutes: yes", "max_minutes must be a number, not True"),
+        ("augment:\n  crop_padding: 4.5", "augment: crop_padding must be a whole number"),
+    ]:
+        with pytest.raises(CvtLabError, match=message) as error:
+            make_config(recipe_with(text))
+        assert str(error.value).startswith(str(tmp_path / "recipe.yaml"))
+
+
 def test_train_batch_schedule():
     from cvtlab.train.config import batch_size_at
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,41 @@ def load_recipe(path: str | Path) -> dict:
     unknown = sorted(set(data) - known)
     if unknown:
         raise CvtLabError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    data = _typed(data, TrainConfig, path)
+    if isinstance(data.get("augment"), dict):
+        data["augment"] = _typed(data["augment"], AugmentConfig, f"{path}: augment")
     return data
+
+
+def _typed(values: dict, cls: type, where: str | Path) -> dict:
+    """``values`` with each number in the type its field declares. YAML reads ``3e-3`` (no dot)
+    as a string, which failed later with a TypeError, and ``96.5`` for a batch as a float, which
+    failed deep inside the run; here the first becomes 0.003 and the second is an error."""
+    types = {f.name: f.type for f in fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        kind = types.get(key)
+        if value is None or kind not in _NUMBERS:
+            continue
+        expected = _NUMBERS[kind]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            if expected is int:
+                if not number.is_integer():
+                    raise ValueError
+                number = int(number)
+            out[key] = number
+        except (ValueError, OverflowError):
+            noun = "a whole number" if expected is int else "a number"
+            raise CvtLabError(f"{where}: {key} must be {noun}, not {value!r}") from None
+    return out
+
+
+_NUMBERS = {"int": int, "int | None": int, "float": float, "float | None": float}
 
 
 def make_config(recipe: str | Path | None = None, **flags: Any) -> TrainConfig:
