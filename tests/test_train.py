@@ -634,14 +634,13 @@ def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_p
         "1",
         "--logger",
         "none",
-        "--precision",
-        "bf16-mixed",
         "--limit-train-batches",
         "2",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"] == "cvt_13" and 0 <= m["test_top1"] <= 1
+    assert m["precision"] in ("32", "bf16-mixed")  # the recipe's auto, measured here
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["img_size"] == 224 and saved["pretrained"] == str(official)
 
@@ -903,7 +902,9 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
         train_sizes=[[0, 32], [500, 64]],
         max_minutes=budget_min,
         budget_schedule=True,
-        precision="bf16-mixed",
+        # bf16 autocast where this CPU's bf16 products are fast; without bf16 instructions (Zen 3:
+        # 0.01x fp32) a bf16 run would get through one epoch of its 12 s, so fp32 there.
+        precision="auto",
         grad_clip=0.01,
         test_checkpoint="last",
     )
@@ -917,7 +918,7 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
     assert 0.3 < (seen[switch][0] - start) / (budget_min * 60) < 0.7
     lrs = [lr for _, _, lr in seen]
     assert max(lrs) > 0.9 * peak and lrs[-1] < 0.1 * peak
-    # bf16 autocast with the fused AdamW still clips the gradients.
+    # The fused AdamW still clips the gradients (under bf16 autocast where auto chose it).
     assert norms and max(norms) <= 0.01 * 1.001
     assert np.isfinite(metrics["test_loss"])
     # test_checkpoint: last scores the weights at the end of the budget, the annealed ones.
