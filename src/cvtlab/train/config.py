@@ -290,14 +290,12 @@ def _typed(values: dict, cls: type, where: str | Path) -> dict:
         try:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
             if expected is int:
-                if not number.is_integer():
+                out[key] = whole_number(value)
+            else:
+                out[key] = float(value)
+                if not math.isfinite(out[key]):
                     raise ValueError
-                number = int(number)
-            out[key] = number
         except (ValueError, OverflowError):
             noun = "a whole number" if expected is int else "a number"
             raise CvtLabError(f"{where}: {key} must be {noun}, not {value!r}") from None
