@@ -33,7 +33,7 @@ from common import make_train_step, median, timed, write_result  # noqa: E402
 import cvtlab  # noqa: E402
 from cvtlab.summary import summarize  # noqa: E402
 from cvtlab.train.precision import (  # noqa: E402
-    BF16_EMULATED,
+    bf16_is_emulated,
     choose_cpu_precision,
     choose_gpu_precision,
 )
@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
     # Without bf16 instructions (AMD Zen 3: under 1 GFLOP/s) one 2,048² bf16 product takes
     # 20 s and a bf16 training step minutes, so a small probe settles it and bf16 is not run.
     rates["bf16"] = matmul_rate(dev, torch.bfloat16, 256, reps=3)
-    emulated = rates["bf16"] < BF16_EMULATED * rates["fp32"]
+    emulated = bf16_is_emulated(rates["fp32"], rates["bf16"])
     if not emulated:
         rates["bf16"] = matmul_rate(dev, torch.bfloat16, n)
     skipped = {}

@@ -49,9 +49,15 @@ def product_rates(n: int = 1024, rounds: int = 7) -> dict[torch.dtype, float]:
     CPU without bf16 instructions, where the library emulates them), its rates are returned:
     there the full measurement would take half a minute to confirm what the probe shows."""
     probe = _timed_rates(min(n, 256), rounds=3)
-    if probe[torch.bfloat16] < BF16_EMULATED * probe[torch.float32]:
+    if bf16_is_emulated(probe[torch.float32], probe[torch.bfloat16]):
         return probe
     return _timed_rates(n, rounds)
+
+
+def bf16_is_emulated(fp32_rate: float, bf16_rate: float) -> bool:
+    """Whether bf16 products run under ``BF16_EMULATED`` of the fp32 rate: a CPU without bf16
+    instructions, where measuring or training in bf16 only costs time."""
+    return bf16_rate < BF16_EMULATED * fp32_rate
 
 
 def choose_cpu_precision(fp32_rate: float, bf16_rate: float) -> str:
@@ -96,6 +102,7 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> tuple[str, s
 __all__ = [
     "BF16_EMULATED",
     "BF16_MIN_SPEEDUP",
+    "bf16_is_emulated",
     "choose_cpu_precision",
     "choose_gpu_precision",
     "product_rates",
