@@ -49,6 +49,10 @@ def test_real_zip_counts_grayscale_and_labels(tiny_decoded):
     assert d.class_names[d.classes.index("n01443537")] == "goldfish, Carassius auratus"
     assert np.bincount(d.split("val")[1], minlength=200).tolist() == [50] * 200
     assert (d.split("test")[1] == -1).all()
+    # Runs test on the official val images and hold out 10 train images a class for selection.
+    rows = plan_splits(d)
+    assert {k: len(v) for k, v in rows.items()} == {"train": 98_000, "val": 2_000, "test": 10_000}
+    assert (d.labels[rows["test"]] == d.split("val")[1]).all()
     assert d.manifest["skipped"] == []
 
 

@@ -510,7 +510,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shape
 
 @pytest.mark.slow
 def test_real_zip_train_eval_predict_export(tiny_zip, tmp_path):
-    """A short run on the real Tiny ImageNet: 30 training batches, then the full 10k test set."""
+    """A short run on the real Tiny ImageNet: 30 training batches, then the full 10k test set
+    (the official val images)."""
     out = tmp_path / "real"
     cfg = recipe(tmp_path, limit_train_batches=30, ckpt_every_n_steps=0, train_sizes=[[0, 32]])
     r = run_cli(
@@ -536,8 +537,11 @@ def test_real_zip_train_eval_predict_export(tiny_zip, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 30 and 0 <= m["test_top1"] <= 1
     best = str(out / "checkpoints" / "best.ckpt")
-    e = json.loads(run_cli("eval", "--checkpoint", best, "--format", "json").stdout)
-    assert e["n"] == 10_000 and e["top1"] == m["test_top1"]
+    # The held-out val split (10 a class), not the 10k test set again: the same reproduction
+    # at a fifth of the cost. Synthetic runs check the test split's (test_eval_reproduces_...).
+    r = run_cli("eval", "--checkpoint", best, "--split", "val", "--format", "json")
+    e = json.loads(r.stdout)
+    assert e["n"] == 2_000 and e["top1"] == m["val_top1"]
     import zipfile
 
     with zipfile.ZipFile(tiny_zip) as zf:
