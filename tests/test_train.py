@@ -142,19 +142,21 @@ def test_ema_run_validates_tests_and_serves_the_averaged_weights(shapes_small, t
     assert all(torch.equal(exported[k], ema[k]) for k in exported)
 
 
-def test_eval_in_bf16_keeps_the_accuracy(trained):
+def test_eval_in_bf16_keeps_the_accuracy(trained, monkeypatch):
     out, _ = trained
+    # `auto` records its choice in the environment for DDP's later processes; undo it after.
+    monkeypatch.setenv("CVTLAB_AUTO_PRECISION", "")
     ckpt = str(out / "checkpoints" / "best.ckpt")
     r = run_cli("eval", "--checkpoint", ckpt, "--precision", "bf16", "--format", "json")
     assert r.returncode == 0, r.stderr[-2000:]
     e = json.loads(r.stdout)
     m = json.loads((out / "metrics.json").read_text())
     assert e["precision"] == "bf16" and abs(e["top1"] - m["test_top1"]) <= 0.02
-    auto = run_cli("eval", "--checkpoint", ckpt, "--precision", "auto", "--format", "json")
+    auto = run_cli_here("eval", "--checkpoint", ckpt, "--precision", "auto", "--format", "json")
     assert auto.returncode == 0, auto.stderr[-2000:]
     a = json.loads(auto.stdout)  # names what `auto` chose on this CPU
     assert a["precision"] in ("32", "bf16") and abs(a["top1"] - m["test_top1"]) <= 0.02
-    bad = run_cli("eval", "--checkpoint", ckpt, "--precision", "fp8")
+    bad = run_cli_here("eval", "--checkpoint", ckpt, "--precision", "fp8")
     assert bad.returncode != 0 and "--precision must be 32, bf16 or auto, not 'fp8'" in bad.stderr
 
 
