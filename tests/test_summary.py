@@ -112,3 +112,20 @@ def test_cli_user_mistakes_are_one_line_without_traceback(args, words):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert all(w in lines[0] for w in words)
+
+
+def test_output_cut_off_by_its_reader_ends_quietly():
+    """`cvtlab summary cvt_w24 --format json | head`: no traceback when the reader stops."""
+    import subprocess
+    import sys
+
+    # 82 kB of JSON: more than a pipe holds, so the writer meets the closed end.
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cvtlab.cli", "summary", "cvt_w24", "--format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout.read(10) == b'{\n  "model'
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err
