@@ -45,6 +45,8 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         ("warmup_epochs", -1, "--warmup-epochs must be 0 or more, got -1"),
         ("min_lr_ratio", 2, r"min_lr_ratio must be in \[0, 1\], got 2"),
         ("grad_clip", 0, "grad_clip must be positive"),
+        ("num_workers", -1, "num_workers must be 0 or more, got -1"),
+        ("ckpt_every_n_steps", -5, r"ckpt_every_n_steps must be 0 \(off\) or more, got -5"),
     ]:
         with pytest.raises(CvtLabError, match=message):
             make_config(**{key: value})

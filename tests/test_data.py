@@ -21,7 +21,7 @@ from cvtlab.data.datamodule import EpochShuffle, ImageDataModule
 from cvtlab.data.splits import plan_splits
 from cvtlab.data.synthetic import make_synthetic_tiny_imagenet, zip_folder
 
-from .conftest import run_cli
+from .conftest import run_cli, run_cli_here
 
 
 # -- the real zip --------------------------------------------------------------------------
@@ -258,6 +258,18 @@ def test_missing_val_annotations_and_unknown_wnid(tmp_path):
 def test_cli_data_errors_are_one_line(tmp_path):
     r = run_cli("data", "info", str(tmp_path / "absent.zip"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "absent.zip" in r.stderr
+    # Counts and sizes are checked before any work: 0 once divided by zero mid-decode.
+    for args, flag in [
+        (["info", str(tmp_path), "--img-size", "0"], "--img-size"),
+        (["show", str(tmp_path), "--n", "0", "--out", str(tmp_path / "g.png")], "--n"),
+        (
+            ["show", str(tmp_path), "--img-size", "-3", "--out", str(tmp_path / "g.png")],
+            "--img-size",
+        ),
+    ]:
+        r = run_cli_here("data", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"argument {flag}: must be a whole number of at least 1" in r.stderr
 
 
 # -- image folders ----------------------------------------------------------------------------

@@ -105,6 +105,21 @@ def test_eval_reproduces_the_runs_test_top1(trained):
     assert len(e["per_class"]) == 10 and all(0 <= v <= 1 for v in e["per_class"].values())
 
 
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["eval", "--batch-size", "0"], "--batch-size"),
+        (["predict", "--topk", "0", "x.png"], "--topk"),
+        (["predict", "--topk", "five", "x.png"], "--topk"),
+    ],
+)
+def test_eval_and_predict_counts_are_checked_in_one_line(trained, args, flag):
+    out, _ = trained
+    r = run_cli_here(args[0], "--checkpoint", str(out), *args[1:])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"argument {flag}: must be a whole number of at least 1" in r.stderr
+
+
 def test_ema_run_validates_tests_and_serves_the_averaged_weights(shapes_small, tmp_path):
     """--ema-decay keeps an EMA of the weights: validation reports both, the test and every
     later command use the EMA; the recipe flags land in the run's config."""
@@ -405,6 +420,8 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
             ["train_sizes", "image size 40", "total stride 16"],
         ),
         (["--whiten-stem", "--pretrained", "w.pth"], ["--whiten-stem", "--pretrained"]),
+        (["--limit-train-batches", "0"], ["--limit-train-batches must be at least 1"]),
+        (["--num-nodes", "0"], ["--num-nodes must be at least 1, got 0"]),
     ],
 )
 def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):

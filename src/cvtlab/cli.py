@@ -72,6 +72,17 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     print(format_summary(summarize(model, img_size), args.format))
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit code 2), like every other error."""
 

@@ -76,6 +76,7 @@ def _cmd_download(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import positive_int
     from .tiny_imagenet import MD5, URL
 
     data = sub.add_parser("data", help="inspect, show and download datasets")
@@ -84,15 +85,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("info", help="classes, split counts, sizes, modes, skipped files")
     p.add_argument("path", help="Tiny ImageNet zip or folder, an image folder, or tiny-imagenet")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--img-size", type=int, default=64, help="size the images are decoded to")
+    p.add_argument(
+        "--img-size", type=positive_int, default=64, help="size the images are decoded to"
+    )
     p.set_defaults(func=_cmd_info)
 
     p = dsub.add_parser("show", help="a grid of samples with their class names, as a PNG")
     p.add_argument("path")
     p.add_argument("--split", default="train")
-    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--n", type=positive_int, default=32, help="how many images the grid shows")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--img-size", type=positive_int, default=64)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=_cmd_show)
 

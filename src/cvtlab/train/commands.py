@@ -331,6 +331,8 @@ CHECKPOINT_HELP = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..cli import positive_int
+
     p = sub.add_parser("train", help="train a model (Lightning); writes a run folder")
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
@@ -339,7 +341,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", help="default: the run's own data (config.yaml beside the checkpoint)")
     p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument(
         "--precision",
         default="32",
@@ -356,7 +358,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="class names and probabilities for image files")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument(
         "--flip", action="store_true", help="average with the mirror image's probabilities"
     )

@@ -143,6 +143,19 @@ class TrainConfig:
                     "(--budget-schedule), whose epochs advance within an epoch; without it "
                     "phases start at whole epochs"
                 )
+        if self.limit_train_batches is not None and self.limit_train_batches < 1:
+            raise CvtLabError(
+                "--limit-train-batches must be at least 1 (or unset: whole epochs), "
+                f"got {self.limit_train_batches}"
+            )
+        if self.num_nodes < 1:
+            raise CvtLabError(f"--num-nodes must be at least 1, got {self.num_nodes}")
+        if self.num_workers < 0:
+            raise CvtLabError(f"num_workers must be 0 or more, got {self.num_workers}")
+        if self.ckpt_every_n_steps < 0:
+            raise CvtLabError(
+                f"ckpt_every_n_steps must be 0 (off) or more, got {self.ckpt_every_n_steps}"
+            )
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise CvtLabError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.budget_schedule and not self.max_minutes:
