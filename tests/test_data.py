@@ -270,6 +270,14 @@ def test_cli_data_errors_are_one_line(tmp_path):
         r = run_cli_here("data", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert f"argument {flag}: must be a whole number of at least 1" in r.stderr
+    # A file system's refusal is one line that names the path, not a traceback.
+    shapes = make_synthetic_tiny_imagenet(
+        tmp_path / "shapes", train_per_class=2, val_per_class=2, test_images=2, classes=2
+    )
+    if os.path.isdir("/proc/self"):  # Linux: no file can be created in /proc
+        r = run_cli_here("data", "show", str(shapes), "--n", "2", "--out", "/proc/grid.png")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "cvtlab: error:" in r.stderr and "/proc/grid.png" in r.stderr
 
 
 # -- image folders ----------------------------------------------------------------------------

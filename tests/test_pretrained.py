@@ -137,6 +137,10 @@ def test_broken_foreign_and_pickled_files_are_clear_errors(tmp_path):
     broken.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CvtLabError, match="broken.pth: not a readable PyTorch checkpoint"):
         cvtlab.from_pretrained(broken)
+    text = tmp_path / "notes.pth"  # the weights-only unpickler fails on "j" with a KeyError
+    text.write_text("junk\n")
+    with pytest.raises(CvtLabError, match="notes.pth: not a readable PyTorch checkpoint"):
+        cvtlab.from_pretrained(text)
     # An arbitrary pickled object is refused, never executed (weights_only=True).
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps(ValueError("boom")))

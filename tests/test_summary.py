@@ -129,3 +129,10 @@ def test_output_cut_off_by_its_reader_ends_quietly():
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and err == "", err
+
+
+def test_summary_without_a_head_and_a_negative_class_count():
+    r = run_cli_here("summary", "cvt_seed", "--num-classes", "0", "--format", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["layers"][-1]["output_shape"] == [64]
+    r = run_cli_here("summary", "cvt_seed", "--num-classes", "-1")
+    assert r.returncode == 2 and "argument --num-classes: must be a whole number" in r.stderr

@@ -120,6 +120,25 @@ def test_eval_and_predict_counts_are_checked_in_one_line(trained, args, flag):
     assert f"argument {flag}: must be a whole number of at least 1" in r.stderr
 
 
+def test_out_paths_that_cannot_be_written_are_one_line(trained, shapes_small, tmp_path):
+    out, _ = trained
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cases = [
+        (["export", "--format", "onnx", "--out", str(tmp_path)], "is a folder; name the file"),
+        (["export", "--format", "safetensors", "--out", str(a_file / "m.st")], "is a file"),
+        (["train", "--data", str(shapes_small), "--out", str(a_file)], "run folder must be a"),
+        (["train", "--data", str(shapes_small), "--out", str(a_file / "run")], "is a file"),
+    ]
+    for args, words in cases:
+        if args[0] == "export":
+            args = [args[0], "--checkpoint", str(out), *args[1:]]
+        r = run_cli_here(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert words in r.stderr and str(a_file if "train" in args else tmp_path) in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing left behind
+
+
 def test_ema_run_validates_tests_and_serves_the_averaged_weights(shapes_small, tmp_path):
     """--ema-decay keeps an EMA of the weights: validation reports both, the test and every
     later command use the EMA; the recipe flags land in the run's config."""

@@ -83,6 +83,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _classes(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number, 0 for no head, not {text!r}"
+        ) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit code 2), like every other error."""
 
@@ -105,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
     p.add_argument("model", help="a registered model, or a recipe (its model and overrides)")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument(
+        "--num-classes", type=_classes, default=None, help="0: no head (the pooled features)"
+    )
     p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     p.set_defaults(func=_cmd_summary)
 
@@ -133,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # go. Point stdout at /dev/null so that the interpreter's final flush stays quiet too.
         _discard_stdout()
         return 141  # 128 + SIGPIPE, the status a shell gives a command its pipe cut off
+    except OSError as e:
+        # A file system's refusal (permissions, a full disk, a read-only data folder): its
+        # message names the path, and a traceback would add nothing the user can act on.
+        print(f"cvtlab: error: {e}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

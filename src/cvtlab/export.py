@@ -16,6 +16,13 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, opset: int = 17) -
     predictor = load_predictor(checkpoint)
     model = predictor.model.eval()
     out = Path(out)
+    if out.is_dir():
+        raise CvtLabError(
+            f"--out {out}: is a folder; name the file to write, e.g. {out}/model.{fmt}"
+        )
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CvtLabError(f"--out {out}: cannot be created, {blocker} is a file")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         return save_weights(model, out, predictor.class_names)

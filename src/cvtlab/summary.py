@@ -90,7 +90,11 @@ def summarize(model: nn.Module, img_size: int | None = None) -> dict:
     try:
         with torch.no_grad():
             device = next(model.parameters()).device
-            model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+            out = model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+        # Without a head (num_classes=0) the model returns pooled features, which no layer
+        # above produced: show them, as the input is shown.
+        if tuple(out.shape[1:]) != rows[-1].output_shape:
+            rows.append(LayerRow("output", "Output", tuple(out.shape[1:]), 0, 0))
     finally:
         for h in hooks:
             h.remove()

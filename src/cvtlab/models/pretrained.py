@@ -7,8 +7,6 @@ Every file is read with ``weights_only=True`` or as safetensors: nothing is unpi
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -75,9 +73,12 @@ def load_state_dict_file(path: str | Path) -> Checkpoint:
         return _normalise(Checkpoint(state_dict, source, name, config, classes))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CvtLabError(f"{source}: not a readable PyTorch checkpoint ({first})") from None
+    except Exception as e:
+        # Any error means the same here. A text file's first bytes send the weights-only
+        # unpickler to a KeyError whose message is a bare number, which would only confuse.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = f" ({first})" if first and not isinstance(e, KeyError) else ""
+        raise CvtLabError(f"{source}: not a readable PyTorch checkpoint{detail}") from None
     if not isinstance(obj, dict):
         raise CvtLabError(f"{source}: expected a state dict, found {type(obj).__name__}")
     name = config = classes = None

@@ -64,6 +64,11 @@ def _logger(cfg: TrainConfig, out: Path):
 
 
 def _check_out(cfg: TrainConfig, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CvtLabError(f"--out {out}: is a file; the run folder must be a folder")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CvtLabError(f"--out {out}: cannot be created, {blocker} is a file")
     last = out / "checkpoints" / "last.ckpt"
     if cfg.resume:
         if not last.is_file():
