@@ -274,6 +274,20 @@ def main(argv=None) -> dict:
         ]
     impls = args.impls.split(",")
     dev = args.device
+    n = 512 if args.quick else 2048
+    rates = {"fp32": matmul_rate(dev, torch.float32, n)}
+    # Without bf16 instructions (AMD Zen 3: under 1 GFLOP/s) one 2,048² bf16 product takes
+    # 20 s and a bf16 training step minutes, so a small probe settles it and bf16 is not run.
+    rates["bf16"] = matmul_rate(dev, torch.bfloat16, 256, reps=3)
+    emulated = bf16_is_emulated(rates["fp32"], rates["bf16"])
+    skipped = {}
+    if emulated and "cvtlab-bf16" in impls:
+        impls = [i for i in impls if i != "cvtlab-bf16"]
+        skipped["cvtlab-bf16"] = {
+            "note": f"not measured: bf16 products at {rates['bf16'] / rates['fp32']:.3f}x "
+            "the fp32 rate (no bf16 instructions)"
+        }
+        print(f"cvtlab-bf16: {skipped['cvtlab-bf16']['note']}")
     if args.memory_only:
         mem = {c.key: {i: peak_memory_per_image(c, i, dev) for i in impls} for c in cases}
         print(f"peak training memory per image (MiB), forward + backward, {dev}")
@@ -295,25 +309,13 @@ def main(argv=None) -> dict:
                         "device": dev,
                         "batches": {c.key: c.batch for c in cases},
                         "peak_mib_per_image": mem,
+                        "notes": {impl: v["note"] for impl, v in skipped.items()},
                     },
                 )
             )
-        return {"peak_mib_per_image": mem}
-    n = 512 if args.quick else 2048
-    rates = {"fp32": matmul_rate(dev, torch.float32, n)}
-    # Without bf16 instructions (AMD Zen 3: under 1 GFLOP/s) one 2,048² bf16 product takes
-    # 20 s and a bf16 training step minutes, so a small probe settles it and bf16 is not run.
-    rates["bf16"] = matmul_rate(dev, torch.bfloat16, 256, reps=3)
-    emulated = bf16_is_emulated(rates["fp32"], rates["bf16"])
+        return {"peak_mib_per_image": mem, "notes": {i: v["note"] for i, v in skipped.items()}}
     if not emulated:
         rates["bf16"] = matmul_rate(dev, torch.bfloat16, n)
-    skipped = {}
-    if emulated and "cvtlab-bf16" in impls:
-        impls = [i for i in impls if i != "cvtlab-bf16"]
-        skipped["cvtlab-bf16"] = {
-            "note": f"not measured: bf16 products at {rates['bf16'] / rates['fp32']:.3f}x "
-            "the fp32 rate (no bf16 instructions)"
-        }
     print(
         f"device {dev}: measured matmul rate fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s"
     )
