@@ -105,6 +105,20 @@ def test_eval_reproduces_the_runs_test_top1(trained):
     assert len(e["per_class"]) == 10 and all(0 <= v <= 1 for v in e["per_class"].values())
 
 
+def test_eval_on_data_with_other_classes_is_refused(trained, shapes_small, tmp_path):
+    """Ten classes, but not the checkpoint's: scoring them would report a wrong accuracy."""
+    import shutil
+
+    out, _ = trained
+    other = tmp_path / "other"
+    shutil.copytree(shapes_small, other)
+    words = (other / "words.txt").read_text().replace("\tsquare\n", "\tsquircle\n")
+    (other / "words.txt").write_text(words)
+    r = run_cli_here("eval", "--checkpoint", str(out), "--data", str(other))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "classes are not the checkpoint's" in r.stderr and "'squircle'" in r.stderr
+
+
 @pytest.mark.parametrize(
     "args, flag",
     [

@@ -209,6 +209,17 @@ def evaluate(
         raise CvtLabError(
             f"{data}: has {len(decoded.classes)} classes but the checkpoint predicts {len(predictor.class_names)}"
         )
+    numbered = predictor.class_names == [str(i) for i in range(len(predictor.class_names))]
+    if not numbered and decoded.class_names != predictor.class_names:
+        # Same count, other classes (or another order): every label would be scored against
+        # the wrong output, and the accuracy would look like a badly trained model's.
+        i = next(
+            i for i, (a, b) in enumerate(zip(decoded.class_names, predictor.class_names)) if a != b
+        )
+        raise CvtLabError(
+            f"{data}: its classes are not the checkpoint's (class {i} is "
+            f"{decoded.class_names[i]!r} here, {predictor.class_names[i]!r} in the checkpoint)"
+        )
     rows = plan_splits(decoded, run.get("val_per_class", 10), run.get("seed", 0))
     if split not in rows:
         raise CvtLabError(f"--split must be val or test, not {split!r}")
