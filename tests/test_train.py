@@ -291,6 +291,39 @@ def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path
     assert "1 of 3 images could not be read" in r.stderr
 
 
+def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, tmp_path):
+    """A folder stands for its images (subfolders too, sorted); other files are passed over,
+    and a folder without images is reported like an unreadable image."""
+    import shutil
+
+    out, _ = trained
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    images = shapes_small / "test" / "images"
+    shutil.copy(images / "test_0.JPEG", photos / "b.JPEG")
+    Image.open(images / "test_1.JPEG").save(photos / "more" / "a.png")
+    (photos / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    r = run_cli_here(
+        "predict",
+        "--checkpoint",
+        str(out),
+        str(photos),
+        str(tmp_path / "empty"),
+        "--format",
+        "json",
+    )
+    results = json.loads(r.stdout)
+    assert [x["image"] for x in results] == [
+        str(photos / "b.JPEG"),
+        str(photos / "more" / "a.png"),
+        str(tmp_path / "empty"),
+    ]
+    assert [len(x.get("predictions", [])) for x in results] == [5, 5, 0]
+    assert "a folder without images" in results[2]["error"]
+    assert "1 of 3 images could not be read" in r.stderr
+
+
 def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
     out, _ = trained
     ckpt = out / "checkpoints" / "best.ckpt"

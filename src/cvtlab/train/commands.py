@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -293,15 +294,33 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print("lowest per-class accuracy: " + ", ".join(f"{n.split(',')[0]} {a:.2f}" for n, a in worst))
 
 
+def _expand_folders(paths: list[str]) -> list[str]:
+    from ..data.decode import is_image_name
+
+    expanded = []
+    for path in paths:
+        folder = Path(path)
+        if not folder.is_dir():
+            expanded.append(path)
+            continue
+        found = sorted(str(f) for f in folder.rglob("*") if f.is_file() and is_image_name(f.name))
+        expanded.extend(found or [path])  # an empty folder is reported, not silently dropped
+    return expanded
+
+
 def predict(checkpoint: str, images: list[str], topk: int = 5, flip: bool = False) -> list[dict]:
     """Top-``topk`` class names and probabilities per image (``flip``: averaged with the mirror
-    image's); an unreadable image gets an ``error`` entry instead, and the others are still
-    predicted."""
+    image's); a folder stands for the images in it and its subfolders, in sorted order. An
+    unreadable image (or a folder without images) gets an ``error`` entry instead, and the
+    others are still predicted."""
     from ..inference import load_predictor, read_image
 
     predictor = load_predictor(checkpoint)
     results = []
-    for path in images:
+    for path in _expand_folders(images):
+        if Path(path).is_dir():
+            results.append({"image": path, "error": f"{path}: a folder without images"})
+            continue
         try:
             pixels = read_image(path, predictor.img_size)
         except CvtLabError as e:
@@ -392,7 +411,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="class names and probabilities for image files")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument(
         "--flip", action="store_true", help="average with the mirror image's probabilities"
