@@ -322,6 +322,14 @@ def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, t
     assert [len(x.get("predictions", [])) for x in results] == [5, 5, 0]
     assert "a folder without images" in results[2]["error"]
     assert "1 of 3 images could not be read" in r.stderr
+    # Images are predicted in batches: the same answers as one at a time.
+    from cvtlab.train.commands import predict
+
+    one_by_one = predict(str(out), [str(photos)], batch_size=1)
+    for a, b in zip(results, one_by_one):
+        assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+        for p, q in zip(a["predictions"], b["predictions"]):
+            assert p["probability"] == pytest.approx(q["probability"], abs=1e-5)
 
 
 def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):

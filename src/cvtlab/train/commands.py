@@ -308,15 +308,31 @@ def _expand_folders(paths: list[str]) -> list[str]:
     return expanded
 
 
-def predict(checkpoint: str, images: list[str], topk: int = 5, flip: bool = False) -> list[dict]:
+def predict(
+    checkpoint: str, images: list[str], topk: int = 5, flip: bool = False, batch_size: int = 64
+) -> list[dict]:
     """Top-``topk`` class names and probabilities per image (``flip``: averaged with the mirror
     image's); a folder stands for the images in it and its subfolders, in sorted order. An
     unreadable image (or a folder without images) gets an ``error`` entry instead, and the
-    others are still predicted."""
+    others are still predicted, ``batch_size`` at a time."""
     from ..inference import load_predictor, read_image
 
     predictor = load_predictor(checkpoint)
-    results = []
+    results: list[dict] = []
+    pending: list[tuple[dict, np.ndarray]] = []
+
+    def run_pending() -> None:
+        if not pending:
+            return
+        probs = predictor.probabilities(np.stack([pixels for _, pixels in pending]), flip=flip)
+        for (entry, _), row in zip(pending, probs):
+            values, indices = row.topk(min(topk, len(row)))
+            entry["predictions"] = [
+                {"class": predictor.class_names[i], "probability": round(float(v), 6)}
+                for v, i in zip(values.tolist(), indices.tolist())
+            ]
+        pending.clear()
+
     for path in _expand_folders(images):
         if Path(path).is_dir():
             results.append({"image": path, "error": f"{path}: a folder without images"})
@@ -326,17 +342,11 @@ def predict(checkpoint: str, images: list[str], topk: int = 5, flip: bool = Fals
         except CvtLabError as e:
             results.append({"image": path, "error": str(e)})
             continue
-        probs = predictor.probabilities(pixels[None], flip=flip)[0]
-        values, indices = probs.topk(min(topk, len(probs)))
-        results.append(
-            {
-                "image": path,
-                "predictions": [
-                    {"class": predictor.class_names[i], "probability": round(float(v), 6)}
-                    for v, i in zip(values.tolist(), indices.tolist())
-                ],
-            }
-        )
+        results.append({"image": path})  # its predictions are filled in with its batch
+        pending.append((results[-1], pixels))
+        if len(pending) == batch_size:
+            run_pending()
+    run_pending()
     return results
 
 
