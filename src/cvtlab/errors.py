@@ -1,8 +1,21 @@
-"""The one exception type cvtlab raises for user mistakes.
+"""The one exception type cvtlab raises for user mistakes, and the output-path check that the
+commands which write files share.
 
 The CLI prints these as a single line (no traceback); library users catch them as ``ValueError``.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class CvtLabError(ValueError):
     """A problem with the user's input: a name, a file, a flag or a value."""
+
+
+def check_creatable(path: Path, flag: str = "--out") -> None:
+    """A one-line error when ``path`` cannot be created because a file stands where one of its
+    folders would go (mkdir would fail later with a bare ``FileExistsError``)."""
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise CvtLabError(f"{flag} {path}: cannot be created, {blocker} is a file")

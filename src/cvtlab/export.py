@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CvtLabError
+from .errors import CvtLabError, check_creatable
 from .inference import load_predictor
 from .models.pretrained import save_weights
 
@@ -20,9 +20,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, opset: int = 17) -
         raise CvtLabError(
             f"--out {out}: is a folder; name the file to write, e.g. {out}/model.{fmt}"
         )
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise CvtLabError(f"--out {out}: cannot be created, {blocker} is a file")
+    check_creatable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         return save_weights(model, out, predictor.class_names)

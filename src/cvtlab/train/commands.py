@@ -196,12 +196,10 @@ def evaluate(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise CvtLabError("--device cuda: PyTorch sees no CUDA GPU on this machine")
-    if precision == "auto" and device == "cuda":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "32"
-    elif precision == "auto":
+    if precision == "auto":
         from .precision import resolve_precision
 
-        precision = "bf16" if resolve_precision("auto", "cpu")[0] == "bf16-mixed" else "32"
+        precision = "bf16" if resolve_precision("auto", device)[0] == "bf16-mixed" else "32"
     import torch.nn.functional as F
     from torchmetrics.classification import MulticlassAccuracy
 

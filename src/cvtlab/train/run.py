@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from ..data.datamodule import ImageDataModule
 from ..data.download import resolve_data
-from ..errors import CvtLabError
+from ..errors import CvtLabError, check_creatable
 from ..models.cvt import check_img_size
 from ..models.pretrained import load_pretrained_into
 from ..models.registry import get_config
@@ -66,9 +66,7 @@ def _logger(cfg: TrainConfig, out: Path):
 def _check_out(cfg: TrainConfig, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CvtLabError(f"--out {out}: is a file; the run folder must be a folder")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise CvtLabError(f"--out {out}: cannot be created, {blocker} is a file")
+    check_creatable(out)
     last = out / "checkpoints" / "last.ckpt"
     if cfg.resume:
         if not last.is_file():
