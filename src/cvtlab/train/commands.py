@@ -292,17 +292,19 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print("lowest per-class accuracy: " + ", ".join(f"{n.split(',')[0]} {a:.2f}" for n, a in worst))
 
 
-def _expand_folders(paths: list[str]) -> list[str]:
+def _expand_folders(paths: list[str]) -> list[tuple[str, str | None]]:
+    """(path, error) per image file, a folder replaced by the images under it; an empty
+    folder is reported (its error set), not silently dropped."""
     from ..data.decode import is_image_name
 
-    expanded = []
+    expanded: list[tuple[str, str | None]] = []
     for path in paths:
         folder = Path(path)
         if not folder.is_dir():
-            expanded.append(path)
+            expanded.append((path, None))
             continue
         found = sorted(str(f) for f in folder.rglob("*") if f.is_file() and is_image_name(f.name))
-        expanded.extend(found or [path])  # an empty folder is reported, not silently dropped
+        expanded.extend([(f, None) for f in found] or [(path, f"{path}: a folder without images")])
     return expanded
 
 
@@ -331,9 +333,9 @@ def predict(
             ]
         pending.clear()
 
-    for path in _expand_folders(images):
-        if Path(path).is_dir():
-            results.append({"image": path, "error": f"{path}: a folder without images"})
+    for path, error in _expand_folders(images):
+        if error:
+            results.append({"image": path, "error": error})
             continue
         try:
             pixels = read_image(path, predictor.img_size)
