@@ -129,6 +129,7 @@ def test_eval_on_data_with_other_classes_is_refused(trained, shapes_small, tmp_p
         (["eval", "--batch-size", "0"], "--batch-size"),
         (["predict", "--topk", "0", "x.png"], "--topk"),
         (["predict", "--topk", "five", "x.png"], "--topk"),
+        (["predict", "--batch-size", "0", "x.png"], "--batch-size"),
     ],
 )
 def test_eval_and_predict_counts_are_checked_in_one_line(trained, args, flag):
@@ -136,6 +137,45 @@ def test_eval_and_predict_counts_are_checked_in_one_line(trained, args, flag):
     r = run_cli_here(args[0], "--checkpoint", str(out), *args[1:])
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"argument {flag}: must be a whole number of at least 1" in r.stderr
+
+
+def test_weights_without_class_names_are_evaluated_predicted_and_exported(
+    trained, shapes_small, tmp_path
+):
+    """An export without class names (as official weights come) is scored on any data with as
+    many classes, predicts numbered classes, and its re-export claims no names."""
+    from cvtlab.inference import load_predictor
+    from cvtlab.train.commands import evaluate, predict
+
+    out, _ = trained
+    nameless = tmp_path / "nameless.safetensors"
+    cvtlab.save_weights(cvtlab.create_model("cvt_seed", num_classes=10), nameless)
+    predictor = load_predictor(nameless)
+    assert not predictor.names_known and predictor.class_names == [str(i) for i in range(10)]
+    e = evaluate(str(nameless), str(shapes_small), batch_size=64, device="cpu")
+    assert e["n"] == 100 and list(e["per_class"]) == predictor.class_names
+    image = shapes_small / "test" / "images" / "test_0.JPEG"
+    [r] = predict(str(nameless), [str(image)], topk=10, device="cpu")
+    assert sorted(p["class"] for p in r["predictions"]) == sorted(predictor.class_names)
+    again = tmp_path / "again.safetensors"
+    assert (
+        run_cli_here(
+            "export", "--checkpoint", str(nameless), "--format", "safetensors", "--out", str(again)
+        ).returncode
+        == 0
+    )
+    assert getattr(cvtlab.from_pretrained(again), "class_names", None) is None
+    # Named weights keep their names through the same path.
+    assert load_predictor(out).names_known
+    # The Python API checks its counts as the command line does.
+    for call in (
+        lambda: evaluate(str(out), batch_size=0),
+        lambda: predict(str(out), [str(image)], batch_size=0),
+        lambda: predict(str(out), [str(image)], topk=0),
+        lambda: predict(str(out), [str(image)], device="tpu"),
+    ):
+        with pytest.raises(cvtlab.CvtLabError, match="--batch-size|--topk|--device"):
+            call()
 
 
 def test_out_paths_that_cannot_be_written_are_one_line(trained, shapes_small, tmp_path):
@@ -312,6 +352,8 @@ def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, t
         str(tmp_path / "empty"),
         "--format",
         "json",
+        "--device",
+        "cpu",
     )
     results = json.loads(r.stdout)
     assert [x["image"] for x in results] == [

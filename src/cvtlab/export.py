@@ -23,7 +23,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, opset: int = 17) -
     check_creatable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        return save_weights(model, out, predictor.class_names)
+        return save_weights(model, out, predictor.class_names if predictor.names_known else None)
     if fmt != "onnx":
         raise CvtLabError(f"--format must be safetensors or onnx, not {fmt!r}")
     example = torch.zeros(1, 3, predictor.img_size, predictor.img_size)

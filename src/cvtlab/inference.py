@@ -21,12 +21,16 @@ class Predictor:
     class_names: list[str]
     img_size: int
     run_config: dict | None = None  # the training run's config.yaml, when beside the checkpoint
+    # False when the weights came without class names (an official .pth, a Hugging Face folder
+    # without labels): ``class_names`` are then the output indices as strings.
+    names_known: bool = True
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray, flip: bool = False) -> torch.Tensor:
         """uint8 (N, H, W, 3) images → class probabilities (N, K); ``flip`` averages them with
         the mirror images' (test-time augmentation)."""
-        x = normalize(torch.from_numpy(np.array(images, dtype=np.uint8)))
+        device = next(self.model.parameters()).device
+        x = normalize(torch.from_numpy(np.array(images, dtype=np.uint8)).to(device))
         return flip_averaged(self.model, x).exp() if flip else self.model(x).softmax(-1)
 
 
@@ -94,9 +98,25 @@ def load_predictor(checkpoint: str | Path) -> Predictor:
         from .models.pretrained import from_pretrained
 
         model = from_pretrained(path).eval()
-        names = getattr(model, "class_names", None) or [str(i) for i in range(model.num_classes)]
-    model.class_names = names
-    return Predictor(model, names, int(model.img_size), _run_config(path))
+        names = getattr(model, "class_names", None)
+    known = bool(names)
+    if known:
+        model.class_names = names
+    else:
+        names = [str(i) for i in range(model.num_classes)]
+    return Predictor(model, names, int(model.img_size), _run_config(path), known)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` where PyTorch sees a GPU, else ``cpu``; ``cuda`` without a GPU is a
+    one-line error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise CvtLabError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CvtLabError("--device cuda: PyTorch sees no CUDA GPU on this machine")
+    return device
 
 
 def read_image(path: str | Path, size: int) -> np.ndarray:

@@ -188,14 +188,13 @@ def evaluate(
     training), else 32; the result names the choice."""
     if precision not in ("32", "bf16", "auto"):
         raise CvtLabError(f"--precision must be 32, bf16 or auto, not {precision!r}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise CvtLabError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if batch_size < 1:
+        raise CvtLabError(f"--batch-size must be at least 1, not {batch_size}")
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise CvtLabError("--device cuda: PyTorch sees no CUDA GPU on this machine")
+    from ..inference import flip_averaged, load_predictor, resolve_device
+
+    device = resolve_device(device)
     if precision == "auto":
         from .precision import resolve_precision
 
@@ -206,7 +205,6 @@ def evaluate(
     from ..data.cache import open_decoded
     from ..data.download import resolve_data
     from ..data.splits import plan_splits
-    from ..inference import flip_averaged, load_predictor
 
     predictor = load_predictor(checkpoint)
     run = predictor.run_config or {}
@@ -218,8 +216,7 @@ def evaluate(
         raise CvtLabError(
             f"{data}: has {len(decoded.classes)} classes but the checkpoint predicts {len(predictor.class_names)}"
         )
-    numbered = predictor.class_names == [str(i) for i in range(len(predictor.class_names))]
-    if not numbered and decoded.class_names != predictor.class_names:
+    if predictor.names_known and decoded.class_names != predictor.class_names:
         # Same count, other classes (or another order): every label would be scored against
         # the wrong output, and the accuracy would look like a badly trained model's.
         i = next(
@@ -309,15 +306,27 @@ def _expand_folders(paths: list[str]) -> list[tuple[str, str | None]]:
 
 
 def predict(
-    checkpoint: str, images: list[str], topk: int = 5, flip: bool = False, batch_size: int = 64
+    checkpoint: str,
+    images: list[str],
+    topk: int = 5,
+    flip: bool = False,
+    batch_size: int = 64,
+    device: str = "auto",
 ) -> list[dict]:
     """Top-``topk`` class names and probabilities per image (``flip``: averaged with the mirror
     image's); a folder stands for the images in it and its subfolders, in sorted order. An
     unreadable image (or a folder without images) gets an ``error`` entry instead, and the
-    others are still predicted, ``batch_size`` at a time."""
-    from ..inference import load_predictor, read_image
+    others are still predicted, ``batch_size`` at a time, on ``device`` (``auto``: the GPU
+    where there is one)."""
+    from ..inference import load_predictor, read_image, resolve_device
 
+    if batch_size < 1:
+        raise CvtLabError(f"--batch-size must be at least 1, not {batch_size}")
+    if topk < 1:
+        raise CvtLabError(f"--topk must be at least 1, not {topk}")
+    device = resolve_device(device)
     predictor = load_predictor(checkpoint)
+    predictor.model.to(device)
     results: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
 
@@ -351,7 +360,9 @@ def predict(
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    results = predict(args.checkpoint, args.images, args.topk, args.flip)
+    results = predict(
+        args.checkpoint, args.images, args.topk, args.flip, args.batch_size, args.device
+    )
     if args.format == "json":
         print(json.dumps(results, indent=2))
     else:
@@ -425,6 +436,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument(
         "--flip", action="store_true", help="average with the mirror image's probabilities"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: the GPU where there is one, else the CPU",
     )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_predict)
