@@ -415,7 +415,9 @@ def _step_of(path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(shapes_small, tmp_path):
+def test_ctrl_c_then_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
+    shapes_small, tmp_path
+):
     config = recipe(tmp_path, ckpt_every_n_steps=3)
     common = [
         "--config",
@@ -435,20 +437,39 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(shapes_small
     assert r.returncode == 0, r.stderr[-3000:]
 
     cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "cvtlab.cli", "train", *common, "--out", str(cut)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = cut / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    step = -1
-    while time.time() < deadline and proc.poll() is None:
-        step = _step_of(last) if last.exists() else -1
-        if step >= 15:  # mid second epoch (10 steps per epoch)
-            break
-        time.sleep(0.05)
+
+    def start_and_wait_for_step(args: list[str], least: int, log) -> tuple[subprocess.Popen, int]:
+        cmd = [sys.executable, "-m", "cvtlab.cli", "train", *args, "--out", str(cut)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        deadline, step = time.time() + 300, -1
+        while time.time() < deadline and proc.poll() is None:
+            step = _step_of(last) if last.exists() else -1
+            if step >= least:
+                break
+            time.sleep(0.05)
+        return proc, step
+
+    # Ctrl-C mid-epoch: the step in progress is saved (not only the periodic one, every 3
+    # steps) and the command says how to go on.
+    with open(tmp_path / "stderr.txt", "w+") as log:
+        proc, step = start_and_wait_for_step(common, 3, log)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        log.seek(0)
+        err = log.read()
+    stopped = _step_of(last)
+    assert proc.returncode == 130, err[-3000:]
+    assert 3 <= step < stopped < 30, (step, stopped)
+    assert f"stopped: SIGINT at step {stopped} " in err
+    assert f"Continue with: cvtlab train --resume --out {cut}" in err
+
+    # Killed outright later on: the last periodic checkpoint survives intact.
+    proc, step = start_and_wait_for_step(["--resume"], 15, subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 15 <= step < 30 and step % 10 != 0, step
-    assert _step_of(last) == step  # the checkpoint survived the kill intact
+    assert 15 <= step < 30 and step % 10 != 0, step  # mid second epoch (10 steps per epoch)
+    assert _step_of(last) == step
 
     r = run_cli("train", "--resume", "--out", str(cut))
     assert r.returncode == 0, r.stderr[-3000:]

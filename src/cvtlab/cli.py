@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import CvtLabError
+from .errors import CvtLabError, RunInterrupted
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -136,8 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except CvtLabError as e:
-        print(f"cvtlab: error: {e}", file=sys.stderr)
-        return 2
+        if not isinstance(e, RunInterrupted):
+            print(f"cvtlab: error: {e}", file=sys.stderr)
+        elif not e.quiet:
+            print(f"cvtlab: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("cvtlab: interrupted", file=sys.stderr)
         return 130

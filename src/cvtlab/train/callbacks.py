@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..errors import RunInterrupted
 
 EPOCH_KEYS = [
     "epoch",
@@ -64,6 +69,74 @@ class LastCheckpoint(Checkpoint):
             return
         trainer.save_checkpoint(self.path)
         self._saved_step = trainer.global_step
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, a scheduler's preemption) during training finishes
+    the step in progress, writes ``last.ckpt`` at that step and stops with
+    :class:`RunInterrupted`, so ``--resume`` continues from there instead of from the last
+    periodic checkpoint. A second signal stops at once. (Lightning alone ends the run where it
+    stands on Ctrl-C, and at the next step on SIGTERM, saving nothing.)"""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, path: Path, out: Path):
+        self.path, self.out = str(path), out
+        self.requested: int | None = None
+        self._previous: dict = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals reach only that one
+            self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+
+    def _request(self, signum: int, frame) -> None:
+        if self.requested is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = signum
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            return  # Ctrl-C reaches every process on this machine; the first one says it
+        print(
+            f"\ncvtlab: {signal.Signals(signum).name}: saving at the end of this step "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        stop = self.requested is not None
+        if trainer.world_size > 1:
+            # Every process must stop at the same step: saving is collective, and one process
+            # may have been signalled (``kill`` of the first) while the others were not.
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self._stop(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        # A signal during the last validation, after the last step: stop before the test.
+        if self.requested is not None:
+            self._stop(trainer)
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._restore()
+        signum = self.requested or signal.SIGTERM  # another process's signal, in DDP
+        raise RunInterrupted(
+            f"{signal.Signals(signum).name} at step {trainer.global_step} (epoch "
+            f"{trainer.current_epoch}); {self.path} holds it. Continue with: "
+            f"cvtlab train --resume --out {self.out}",
+            signum,
+            quiet=not trainer.is_global_zero,
+        )
 
 
 class EpochHistory(Checkpoint):

@@ -19,7 +19,7 @@ from ..errors import CvtLabError, check_creatable
 from ..models.cvt import check_img_size
 from ..models.pretrained import load_pretrained_into
 from ..models.registry import get_config
-from .callbacks import AtomicCheckpointIO, EpochHistory, LastCheckpoint
+from .callbacks import AtomicCheckpointIO, EpochHistory, LastCheckpoint, StopOnSignal
 from .config import TrainConfig, make_config, save_config, train_size_at
 from .module import CvTClassifier
 from .precision import resolve_precision
@@ -32,6 +32,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*treespec.*")
+    # Epoch metrics are torchmetrics' computed values, already reduced over the processes.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
     # The module augments on the device in on_after_batch_transfer, by design.
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
@@ -132,6 +134,7 @@ def build_trainer(
             last,
             best,
             epoch_end,
+            StopOnSignal(ckpt_dir / "last.ckpt", out),
             TQDMProgressBar(refresh_rate=10),
             *extra_callbacks,
         ],
