@@ -733,7 +733,32 @@ def test_tensorboard_logger_needs_no_account(shapes_small, tmp_path):
         env={"WANDB_MODE": "offline"},
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert list((out / "logs").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = set()  # fit and test each write a file
+    for events in (out / "logs").glob("events.out.tfevents.*"):
+        logged |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert {"train_loss_epoch", "val_top1", "val_loss", "test_top1"} <= logged, logged
+
+
+def test_wandb_logs_offline_and_a_resumed_run_continues_its_wandb_run(shapes_small, tmp_path):
+    """The seed notebook's logger needs no account offline, and ``--resume`` goes on with the
+    same W&B run rather than starting a second one."""
+    out = tmp_path / "wb"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    r = run_cli(
+        "train", "--config", recipe(tmp_path, limit_train_batches=2), "--data",
+        str(shapes_small), "--epochs", "1", "--out", str(out), *FAST[:-2], "--logger", "wandb",
+        env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_id = (out / "wandb_run_id").read_text().strip()
+    [first] = (out / "wandb").glob("offline-run-*")
+    assert first.name.endswith(f"-{run_id}") and (first / f"run-{run_id}.wandb").stat().st_size
+    r = run_cli("train", "--resume", "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs)
 
 
 def test_matmul_precision_is_applied_and_recorded(shapes_small, tmp_path, monkeypatch):

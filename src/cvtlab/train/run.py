@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -55,14 +56,42 @@ def _logger(cfg: TrainConfig, out: Path):
                 "--logger tensorboard needs the tensorboard package (pip install tensorboard)"
             ) from None
     try:
-        from lightning.pytorch.loggers import WandbLogger
-
-        os.environ.setdefault("WANDB_DIR", str(out))
-        return WandbLogger(project="cvtlab", save_dir=str(out), name=out.name)
+        import wandb  # noqa: F401  (Lightning's own message would name Lightning's extra)
     except ModuleNotFoundError:
         raise CvtLabError(
             "--logger wandb needs the wandb package (pip install 'cvtlab[wandb]')"
         ) from None
+    from lightning.pytorch.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_DIR", str(out))
+    return WandbLogger(
+        project=os.environ.get("WANDB_PROJECT", "cvtlab"),
+        save_dir=str(out),
+        name=out.name,
+        id=_wandb_run_id(out),
+        resume="allow",
+    )
+
+
+def _wandb_run_id(out: Path) -> str:
+    """The W&B run of this run folder, made on its first start: a resumed run (after a kill or
+    Ctrl-C) goes on drawing the same curves instead of starting a second W&B run."""
+    path = out / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]
+    if _is_first_process():  # the one that logs; the others never open the run
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def _is_first_process() -> bool:
+    """The first process of the whole run (Lightning re-runs the command for the other DDP
+    processes, and the user starts it on every node)."""
+    return (
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
 
 
 def _check_out(cfg: TrainConfig, out: Path) -> None:
@@ -155,11 +184,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     write ``metrics.json`` and the report; returns the metrics."""
     _quiet_lightning()
     out = Path(cfg.out)
-    # Lightning re-runs this command for the other DDP processes (and the user starts it on
-    # every node); only the first process of the whole run checks and claims the folder.
-    first = (
-        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-    )
+    first = _is_first_process()  # only it checks and claims the folder
     if first:
         _check_out(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
