@@ -60,8 +60,11 @@ def test_data_benchmark_runs(shapes_small):
     import data as data_bench
 
     rates = data_bench.main(["--data", str(shapes_small), "--quick", "--no-write"])
+    photos = rates.pop("d_photos")
     assert set(rates) == {"a_decode_zip_pil", "b_cache_crop_flip", "c_cache_full_recipe"}
     assert all(v > 0 for v in rates.values())
+    assert photos["full_decode"] > 0 and photos["draft_decode"] > 0
+    assert photos["mean_abs_diff_grey_levels"] < 1.0
 
 
 def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):

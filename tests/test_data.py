@@ -141,9 +141,22 @@ def test_cache_is_reused_across_processes_and_rebuilt_when_the_source_changes(tm
 
     assert probe() == ["True", "60"]
     assert probe() == ["False", "60"]
+    # An older cvtlab's copy of this dataset at this size (another format, another folder) is
+    # deleted by the next build; another dataset's entry is left alone.
+    decoded = tmp_path / "cache" / "decoded"
+    [entry] = [p for p in decoded.iterdir() if p.is_dir()]
+    manifest = json.loads((entry / "manifest.json").read_text())
+    older, other = decoded / "ds-64px-0123456789ab", decoded / "ds-64px-ba9876543210"
+    for path, source, fmt in ((older, manifest["source"], 2), (other, "/elsewhere/ds", 2)):
+        path.mkdir()
+        (path / "images.npy").write_bytes(b"x" * 1000)
+        (path / "manifest.json").write_text(
+            json.dumps({"format": fmt, "source": source, "img_size": 64})
+        )
     extra = src / "train" / "n90000001" / "images" / "n90000001_99.JPEG"
     shutil.copy(src / "train" / "n90000001" / "images" / "n90000001_0.JPEG", extra)
     assert probe() == ["True", "61"]
+    assert not older.exists() and other.exists()
     assert probe() == ["False", "61"]
 
 
@@ -315,6 +328,35 @@ def test_any_mode_and_size_becomes_rgb_at_the_input_size(tmp_path):
     cmyk = d.images[files.index("a/cmyk.JPEG")]
     assert cmyk[..., 0].mean() > 200 and cmyk[..., 1].mean() < 60  # CMYK (0,255,255,0) is red
     assert d.manifest["modes"]["L"] == 1 and d.manifest["grayscale"]["all"] >= 3
+
+
+def test_photos_are_decoded_upright_and_large_jpegs_at_reduced_scale():
+    from cvtlab.data.decode import decode_image
+
+    # 80×40 stored, left half red and right half blue; EXIF orientation 6 shows it turned a
+    # quarter clockwise (40×80, red on top), as a phone held upright saves it.
+    stored = Image.new("RGB", (80, 40), (220, 0, 0))
+    stored.paste((0, 0, 220), (40, 0, 80, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif)
+    pixels, mode, size = decode_image(buf.getvalue(), 32)
+    assert size == (80, 40) and mode == "RGB"
+    top, bottom = pixels[:12].reshape(-1, 3).mean(0), pixels[-12:].reshape(-1, 3).mean(0)
+    assert top[0] > 180 > top[2] and bottom[2] > 180 > bottom[0], (top, bottom)
+
+    # A 1,600×1,200 JPEG decoded at 1/8 scale before resizing to 64 px: within a grey level of
+    # resizing the full decode.
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    large = Image.fromarray(small).resize((1600, 1200), Image.BICUBIC)
+    buf = io.BytesIO()
+    large.save(buf, "JPEG", quality=90)
+    got = decode_image(buf.getvalue(), 64)[0].astype(np.float32)
+    full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    full = full.resize((85, 64), Image.BILINEAR, reducing_gap=3.0).crop((10, 0, 74, 64))
+    assert np.abs(got - np.asarray(full, dtype=np.float32)).mean() < 1.0
 
 
 def test_folder_with_split_subfolders_and_stratified_split_without(tmp_path):
