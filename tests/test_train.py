@@ -86,6 +86,12 @@ def test_run_folder_layout_and_metrics(trained):
     for key in ("val_top1", "val_top5", "test_top1", "test_top5"):
         assert 0.0 <= m[key] <= 1.0
     assert m["epochs"] == 3 and m["steps"] == 30 and m["train_images_per_second"] > 0
+    # What the figures were measured on, for anyone comparing or publishing them.
+    assert (
+        m["machine"]["torch"] == torch.__version__ and m["machine"]["cvtlab"] == cvtlab.__version__
+    )
+    assert m["machine"]["cores"] >= 1 and m["machine"]["cpu"]
+    assert ("gpu" in m["machine"]) == torch.cuda.is_available()
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 4 and rows[0].startswith("epoch,step,lr")
     saved = yaml.safe_load((out / "config.yaml").read_text())

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from ..data.datamodule import ImageDataModule
 from ..data.download import resolve_data
 from ..errors import CvtLabError, check_creatable
+from ..machine import describe_machine
 from ..models.cvt import check_img_size
 from ..models.pretrained import load_pretrained_into
 from ..models.registry import get_config
@@ -286,6 +287,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     history.rows = rows
     metrics = _summarise(cfg, rows, results, test_ckpt, trainer.world_size)
     metrics["precision"] = precision
+    metrics["machine"] = describe_machine()
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         from .reporting import write_report
