@@ -109,6 +109,7 @@ def test_eval_reproduces_the_runs_test_top1(trained):
     assert e["n"] == 100 and e["split"] == "test"
     assert e["top1"] == m["test_top1"] and e["top5"] == m["test_top5"]
     assert e["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert e["machine"]["torch"] == torch.__version__
     if not torch.cuda.is_available():
         r = run_cli_here("eval", "--checkpoint", str(out), "--device", "cuda")
         assert r.returncode == 2 and "--device cuda: PyTorch sees no CUDA GPU" in r.stderr

@@ -205,6 +205,7 @@ def evaluate(
     from ..data.cache import open_decoded
     from ..data.download import resolve_data
     from ..data.splits import plan_splits
+    from ..machine import describe_machine
 
     predictor = load_predictor(checkpoint)
     run = predictor.run_config or {}
@@ -264,6 +265,7 @@ def evaluate(
         "top5": float(top5.compute()),
         "loss": loss_sum / len(idx),
         "per_class": {name: float(a) for name, a in zip(predictor.class_names, accs)},
+        "machine": describe_machine(),
     }
 
 
