@@ -108,18 +108,21 @@ class StopOnSignal(Callback):
             signal.signal(s, handler)
         self._previous = {}
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
         stop = self.requested is not None
         if trainer.world_size > 1:
-            # Every process must stop at the same step: saving is collective, and one process
+            # Every process must stop at the same point: saving is collective, and one process
             # may have been signalled (``kill`` of the first) while the others were not.
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
+        return stop
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self._stop_requested(trainer):
             self._stop(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         # A signal during the last validation, after the last step: stop before the test.
-        if self.requested is not None:
+        if self._stop_requested(trainer):
             self._stop(trainer)
         self._restore()
 
