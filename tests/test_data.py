@@ -7,7 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +194,43 @@ def test_killed_build_leaves_nothing_a_later_run_trusts(tmp_path):
         os.environ["CVTLAB_CACHE"] = old
     assert d.built_now and d.splits["train"] == 1500
     assert d.images[-1].any()  # the last image was really decoded
+
+
+_MARKS: Path | None = None  # where the patched decode below marks each chunk it decoded
+
+
+def _decode_chunk_interrupted_first(source, npy, start, paths, size):
+    """The cache's chunk decode, with Ctrl-C arriving in the first chunk. At module level so
+    that the pool's workers can unpickle it."""
+    import cvtlab.data.cache as cache
+
+    if start == 0:
+        raise KeyboardInterrupt
+    time.sleep(0.05)
+    (_MARKS / str(start)).touch()
+    return cache._decode_chunk_real(source, npy, start, paths, size)
+
+
+def test_ctrl_c_during_a_build_stops_without_decoding_the_rest(tmp_path, monkeypatch):
+    """Ctrl-C reaches the workers too; the chunks not yet started are dropped rather than
+    decoded before the command can stop, and nothing half-built is left."""
+    import cvtlab.data.cache as cache
+
+    src = make_synthetic_tiny_imagenet(
+        tmp_path / "ds", train_per_class=16, val_per_class=2, test_images=0
+    )
+    marks = tmp_path / "done"
+    marks.mkdir()
+    # Forked workers see every patch.
+    monkeypatch.setattr(sys.modules[__name__], "_MARKS", marks)
+    monkeypatch.setattr(cache, "_decode_chunk_real", cache._decode_chunk, raising=False)
+    monkeypatch.setattr(cache, "_decode_chunk", _decode_chunk_interrupted_first)
+    monkeypatch.setattr(cache, "_CHUNK", 6)
+    monkeypatch.setenv("CVTLAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):
+        open_decoded(src, workers=2)
+    assert len(list(marks.iterdir())) <= 8  # of 30 chunks: those already handed to a worker
+    assert not [p for p in (tmp_path / "cache" / "decoded").iterdir() if p.is_dir()]
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -151,7 +151,8 @@ def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, worker
         bar = tqdm(total=n, desc=f"decoding {index.source.location}", unit="img", disable=None)
         if workers > 1 and n > _CHUNK:
             ctx = get_context("fork" if os.name == "posix" else "spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            pool = ProcessPoolExecutor(workers, mp_context=ctx)
+            try:
                 futures = [
                     pool.submit(_decode_chunk, index.source, str(npy), s, ps, size)
                     for s, ps in chunks
@@ -163,6 +164,10 @@ def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, worker
                     modes.update(m)
                     sizes.update(z)
                     bar.update(count)
+            finally:
+                # On Ctrl-C (or a failed chunk) the chunks not yet started are dropped: leaving
+                # the pool's `with` block would decode every one of them before stopping.
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             for s, ps in chunks:
                 f, g, m, z = _decode_chunk(index.source, str(npy), s, ps, size)
