@@ -1,4 +1,4 @@
-"""Callbacks and plugins a cvtlab run adds to Lightning's Trainer."""
+"""Callbacks, plugins and the CSV logger a cvtlab run adds to Lightning's Trainer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..errors import RunInterrupted
@@ -187,3 +190,40 @@ class EpochHistory(Checkpoint):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = list(state_dict.get("rows", []))
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing ``metrics.csv`` when it starts, so a resumed run
+    would lose every row logged before the interruption. This one keeps those rows, up to
+    the first step the resumed run logs again, and appends after them."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._earlier: list[dict] = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self._earlier = list(csv.DictReader(f))
+
+    def save(self) -> None:
+        if self._earlier and self.metrics:
+            first = min(int(m["step"]) for m in self.metrics)
+            kept = [row for row in self._earlier if int(float(row["step"])) < first]
+            self.metrics_keys = sorted(self._earlier[0])
+            with open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+            self._earlier = []
+        super().save()
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSV logger (``logs/metrics.csv``: every logged value by step) that carries
+    on after ``--resume`` instead of starting the file again."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -263,6 +263,10 @@ class CvTClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._seen, self._clock = 0, time.perf_counter()
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._clock is None:  # resumed mid-epoch: on_train_epoch_start did not run
+            self._seen, self._clock = 0, time.perf_counter()
+
     def on_train_epoch_end(self) -> None:
         elapsed = time.perf_counter() - (self._clock or time.perf_counter())
         world = self.trainer.world_size if self.trainer else 1

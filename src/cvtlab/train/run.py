@@ -21,7 +21,13 @@ from ..machine import describe_machine
 from ..models.cvt import check_img_size
 from ..models.pretrained import load_pretrained_into
 from ..models.registry import get_config
-from .callbacks import AtomicCheckpointIO, EpochHistory, LastCheckpoint, StopOnSignal
+from .callbacks import (
+    AtomicCheckpointIO,
+    EpochHistory,
+    LastCheckpoint,
+    RunCSVLogger,
+    StopOnSignal,
+)
 from .config import TrainConfig, make_config, save_config, train_size_at
 from .module import CvTClassifier
 from .precision import resolve_precision
@@ -44,9 +50,7 @@ def _logger(cfg: TrainConfig, out: Path):
     if cfg.logger == "none":
         return False
     if cfg.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(out, name="logs", version="")
+        return RunCSVLogger(out, name="logs", version="")
     if cfg.logger == "tensorboard":
         try:
             from lightning.pytorch.loggers import TensorBoardLogger
