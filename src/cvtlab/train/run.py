@@ -42,6 +42,10 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*treespec.*")
     # Epoch metrics are torchmetrics' computed values, already reduced over the processes.
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
+    # A resumed run's checkpoints/ is its own; and its data order does resume mid-epoch (the
+    # sampler is in the checkpoint; the kill-and-resume test checks the result).
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     # The module augments on the device in on_after_batch_transfer, by design.
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
