@@ -198,6 +198,7 @@ class _ContinuingWriter(ExperimentWriter):
     the first step the resumed run logs again, and appends after them."""
 
     def _check_log_dir_exists(self) -> None:
+        # Called by the writer's __init__; Lightning's version deletes the file here.
         self._earlier: list[dict] = []
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
