@@ -51,13 +51,9 @@ def _photo(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
 
 def _full_decode(data: bytes, size: int) -> np.ndarray:
     """The cache's decode without the reduced-scale JPEG decode: the baseline for (d)."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)))
+    from cvtlab.data.decode import resize_and_center_crop
+
+    return np.asarray(resize_and_center_crop(Image.open(io.BytesIO(data)).convert("RGB"), size))
 
 
 def bench_photos(n: int, size: tuple[int, int], rounds: int = 3) -> dict:

@@ -67,12 +67,17 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, str, tuple[int, in
         img = ImageOps.exif_transpose(img)
     except Exception:  # unreadable EXIF is metadata only: the pixels are still good
         pass
-    img = _to_rgb(img)
-    if img.size != (size, size):
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+    img = resize_and_center_crop(_to_rgb(img), size)
     return np.asarray(img, dtype=np.uint8), mode, original_size
+
+
+def resize_and_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` (antialiased), then the centre ``size``×``size`` square."""
+    if img.size == (size, size):
+        return img
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
