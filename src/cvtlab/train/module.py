@@ -138,6 +138,7 @@ class CvTClassifier(L.LightningModule):
         self._batch_epoch: float | None = None  # the schedule epoch of the last training batch
         self._nonfinite: torch.Tensor | None = None  # set once a training loss was not finite
         self._spent_at: tuple[int, float] | None = None  # (step // 10, budget share) under DDP
+        self._resumed_means: dict | None = None  # the epoch's running means, from a checkpoint
 
     # -- data on the device --------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
@@ -266,6 +267,39 @@ class CvTClassifier(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._clock is None:  # resumed mid-epoch: on_train_epoch_start did not run
             self._seen, self._clock = 0, time.perf_counter()
+        if self._resumed_means is not None:
+            self._add_resumed_means(self._resumed_means)
+            self._resumed_means = None
+
+    # The epoch means of training loss and top-1 are running sums in torchmetrics' states, which
+    # Lightning does not checkpoint: an epoch resumed mid-way would average only the batches
+    # after the resume. The sums over all processes go into the checkpoint instead.
+    _EPOCH_MEANS = ("train_loss", "train_top1")
+
+    def _epoch_means(self) -> dict:
+        states = [
+            (n, k, v) for n in self._EPOCH_MEANS for k, v in getattr(self, n).metric_state.items()
+        ]
+        # One collective for all of them (exact in float64 for any count a run reaches).
+        flat = torch.cat([v.detach().double().reshape(-1) for _, _, v in states])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flat = self.trainer.strategy.reduce(flat.clone(), reduce_op="sum")
+        flat, means, at = flat.cpu(), {}, 0
+        for name, key, value in states:
+            means.setdefault(name, {})[key] = flat[at : at + value.numel()].reshape(value.shape)
+            at += value.numel()
+        return {"epoch": self.current_epoch, "states": means}
+
+    def _add_resumed_means(self, saved: dict) -> None:
+        # A checkpoint from an epoch's end (the sums already reset, or about to be) belongs to an
+        # epoch this run does not continue; the sums are whole-run totals, kept by process 0.
+        if saved["epoch"] != self.current_epoch or self.global_rank != 0:
+            return
+        for name, states in saved["states"].items():
+            metric = getattr(self, name)
+            for key, value in states.items():
+                mine = getattr(metric, key)
+                setattr(metric, key, mine + value.to(mine.device, mine.dtype))
 
     def on_train_epoch_end(self) -> None:
         elapsed = time.perf_counter() - (self._clock or time.perf_counter())
@@ -402,6 +436,7 @@ class CvTClassifier(L.LightningModule):
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": random.getstate(),
         }
+        checkpoint["epoch_means"] = self._epoch_means()
         checkpoint["images_trained"] = {
             "run": self.images_trained,
             "epoch": self._epoch_count[0],
@@ -421,6 +456,7 @@ class CvTClassifier(L.LightningModule):
         }
         self.images_trained = int(counted["run"])
         self._epoch_count = (int(counted["epoch"]), int(counted["in_epoch"]))
+        self._resumed_means = checkpoint.get("epoch_means")
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])
