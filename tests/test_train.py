@@ -1078,6 +1078,51 @@ def test_batch_schedule_resumes_mid_epoch_where_it_stopped(shapes_small, tmp_pat
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-3)
 
 
+def test_a_run_folder_moved_before_resuming_keeps_its_best_checkpoint(shapes_small, tmp_path):
+    """A run folder copied elsewhere (off a cluster node, say) resumes with the best score it
+    had: a later epoch that validates no better does not replace ``best.ckpt``."""
+    import shutil
+    import warnings
+
+    import lightning as L
+
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+
+    class Cut(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 14:  # last.ckpt holds step 12, mid second epoch
+                raise RuntimeError("cut")
+
+    def config(out, **extra):
+        # A rate too small to change a prediction: every epoch validates the same, so the
+        # first epoch's checkpoint stays the best.
+        return make_config(
+            recipe(tmp_path, ckpt_every_n_steps=3, lr=1e-9),
+            data=str(shapes_small),
+            out=str(tmp_path / out),
+            model="cvt_seed",
+            epochs=3,
+            batch_size=50,
+            seed=3,
+            accelerator="cpu",
+            train_sizes=[[0, 32]],
+            **extra,
+        )
+
+    with pytest.raises(RuntimeError, match="cut"):
+        train(config("node"), extra_callbacks=[Cut()])
+    shutil.move(tmp_path / "node", tmp_path / "home")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = train(config("home", resume=True))
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    best = torch.load(tmp_path / "home/checkpoints/best.ckpt", weights_only=True)
+    assert best["epoch"] == resumed["best_epoch"] == 0
+    assert resumed["test_checkpoint"] == str(tmp_path / "home/checkpoints/best.ckpt")
+    assert resumed["steps"] == 30
+
+
 def test_a_non_finite_loss_flag_blocks_any_checkpoint_save():
     """On accelerators the loss check is deferred; a pending non-finite flag still stops saving."""
     from cvtlab.train.module import CvTClassifier

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -47,6 +47,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that follows its run folder when the folder moves.
+
+    Lightning forgets the best score it kept when a run resumes from another directory, and
+    keeps pointing at the old folder's files: a run folder copied off a cluster node and resumed
+    elsewhere would replace ``best.ckpt`` with the first epoch after the resume, better or not.
+    The saved paths are moved into this folder instead."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath:
+
+            def moved(path):
+                if not path or os.path.dirname(path) != saved:
+                    return path
+                return os.path.join(self.dirpath, os.path.basename(path))
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict.get("best_model_path")),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                "last_model_path": moved(state_dict.get("last_model_path")),
+                "best_k_models": {
+                    moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()
+                },
+            }
+        super().load_state_dict(state_dict)
 
 
 class LastCheckpoint(Checkpoint):

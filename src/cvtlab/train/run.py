@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..data.datamodule import ImageDataModule
 from ..data.download import resolve_data
@@ -25,6 +25,7 @@ from .callbacks import (
     AtomicCheckpointIO,
     EpochHistory,
     LastCheckpoint,
+    RunCheckpoint,
     RunCSVLogger,
     StopOnSignal,
 )
@@ -137,7 +138,7 @@ def build_trainer(
     precision: str | None = None,
 ) -> L.Trainer:
     ckpt_dir = out / "checkpoints"
-    last = ModelCheckpoint(
+    last = RunCheckpoint(
         dirpath=ckpt_dir,
         filename="last",
         save_top_k=0,
@@ -145,7 +146,7 @@ def build_trainer(
         every_n_train_steps=cfg.ckpt_every_n_steps or None,
         enable_version_counter=False,
     )
-    best = ModelCheckpoint(
+    best = RunCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
         monitor="val_top1",
