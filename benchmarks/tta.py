@@ -27,6 +27,7 @@ STARTED = time.time()  # before torch is imported: --deadline counts from here
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TINY_ZIP, write_result  # noqa: E402
 
+from cvtlab.errors import CvtLabError, RunInterrupted  # noqa: E402
 from cvtlab.train.commands import evaluate  # noqa: E402
 from cvtlab.train.config import make_config  # noqa: E402
 from cvtlab.train.run import train  # noqa: E402
@@ -152,4 +153,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CvtLabError as e:  # a bad flag, or stopped by a signal (gpu.sh's `timeout`)
+        print(
+            f"tta: {'stopped' if isinstance(e, RunInterrupted) else 'error'}: {e}", file=sys.stderr
+        )
+        sys.exit(e.exit_code)
