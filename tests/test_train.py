@@ -497,6 +497,34 @@ def test_ctrl_c_then_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
             assert cut_log[step, key] > 0, (step, key)
 
 
+def test_sigterm_to_a_whole_job_with_loader_workers_saves_and_stops(shapes_small, tmp_path):
+    """A batch scheduler's SIGTERM (and a terminal's Ctrl-C) reaches every process of the job,
+    the data loader's workers too: the run still finishes its step, saves it and stops in one
+    line, rather than failing on a worker the signal killed."""
+    import os
+
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.ckpt"
+    config = recipe(tmp_path, ckpt_every_n_steps=3, num_workers=2)
+    cmd = [sys.executable, "-m", "cvtlab.cli", "train", "--config", config, "--data"]
+    cmd += [str(shapes_small), "--epochs", "6", "--train-sizes", "0:32", *FAST, "--out", str(out)]
+    with open(tmp_path / "stderr.txt", "w+") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if last.exists() and _step_of(last) >= 3:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+        log.seek(0)
+        err = log.read()
+    assert proc.returncode == 143, err[-3000:]
+    stopped = _step_of(last)
+    assert 3 <= stopped < 60
+    assert f"stopped: SIGTERM at step {stopped} " in err
+
+
 def _logged(run) -> dict[tuple[int, str], float]:
     import csv
 

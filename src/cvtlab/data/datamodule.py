@@ -8,6 +8,7 @@ work when training there.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -43,6 +44,16 @@ class CachedImages(Dataset):
         images = np.empty((len(rows),) + self.images.shape[1:], dtype=np.uint8)
         images[order] = self.images[rows[order]]
         return torch.from_numpy(images), torch.from_numpy(self.labels[rows].astype(np.int64))
+
+
+def _leave_interrupts_to_the_main_process(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches every process in its group, workers too, and a batch
+    scheduler's SIGTERM every process of the job. A worker that quit on it would fail the batch
+    the main process still draws while it finishes the step and saves (the clean stop of
+    ``train/callbacks.py: StopOnSignal``); the main process shuts the workers down when it ends,
+    and a worker whose main process is gone exits by itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _keep_batch(batch):
@@ -183,6 +194,7 @@ class ImageDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=_leave_interrupts_to_the_main_process,
             # Page-locked batches copy to a GPU asynchronously, overlapping the previous step.
             pin_memory=torch.cuda.is_available(),
         )
