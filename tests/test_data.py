@@ -266,7 +266,9 @@ def test_broken_images_are_skipped_with_their_names_and_reasons(tmp_path):
     assert d.splits == {"all": 8}
     reasons = {os.path.basename(s["file"]): s["reason"] for s in d.manifest["skipped"]}
     assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.txt", "fake.png"}
-    assert reasons["empty.jpg"] == "empty file" and reasons["notes.txt"] == "not an image"
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["notes.txt"] == "not an image file ('.txt')"
+    assert reasons["fake.png"] == "not an image (unrecognised content)"
     assert "corrupt or truncated" in reasons["truncated.jpg"]
     assert all(str(root) in s["file"] for s in d.manifest["skipped"])
     assert (d.images.reshape(8, -1).max(axis=1) > 0).all()  # every kept row is a real image
@@ -582,3 +584,45 @@ def test_data_show_writes_a_png(shapes_small, tmp_path):
     assert r.returncode == 0, r.stderr
     img = Image.open(out)
     assert img.format == "PNG" and img.size[0] > 400
+
+
+def test_tiff_gif_and_pnm_images_are_read_and_a_cache_that_skipped_them_is_rebuilt(
+    tmp_path, monkeypatch
+):
+    from cvtlab.data import decode, image_folder
+
+    def save(path, img, **kw):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, **kw)
+        return path
+
+    red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (40, 30), (0, 0, 255))
+    root = tmp_path / "f"
+    save(root / "red" / "a.png", red)
+    save(root / "red" / "b.tif", red)
+    save(root / "red" / "c.tiff", red, compression="tiff_lzw")
+    save(root / "red" / "d.gif", red, save_all=True, append_images=[blue])  # first frame red
+    save(root / "red" / "e.ppm", red)
+    ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (40, 1))  # square: no crop
+    save(root / "grey" / "a.png", Image.new("L", (40, 30), 128))
+    save(root / "grey" / "b.tif", Image.fromarray(ramp))  # a 16-bit scan (I;16)
+    save(root / "grey" / "c.pgm", Image.new("L", (40, 30), 128))
+    (root / "grey" / "notes.txt").write_text("not an image")
+
+    # The cvtlab before: five suffixes, and every other file skipped as "not an image".
+    with monkeypatch.context() as m:
+        m.setattr(decode, "IMAGE_SUFFIXES", (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
+        m.setattr(image_folder, "skip_reason_for_name", lambda f: "not an image")
+        assert open_decoded(root).splits == {"all": 2}
+
+    d = open_decoded(root)
+    assert d.built_now and d.splits == {"all": 8}
+    reasons = {os.path.basename(s["file"]): s["reason"] for s in d.manifest["skipped"]}
+    assert reasons == {"notes.txt": "not an image file ('.txt')"}
+    rows = dict(zip(d.manifest["files"], d.images))
+    for name in ("a.png", "b.tif", "c.tiff", "d.gif", "e.ppm"):
+        assert (rows[f"red/{name}"].reshape(-1, 3).mean(0) == [255, 0, 0]).all(), name
+    assert (rows["grey/c.pgm"] == 128).all()
+    scan = rows["grey/b.tif"][..., 0].astype(int)  # the full 16-bit range, scaled to 8 bits
+    assert scan.min() <= 5 and scan.max() >= 250 and (np.diff(scan, axis=1) >= 0).all()
+    assert not open_decoded(root).built_now  # rebuilt once, not every time

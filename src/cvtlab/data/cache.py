@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CvtLabError
-from .decode import GRAY_MODES, DecodeError, decode_image
+from .decode import GRAY_MODES, OLD_SKIP_REASON, DecodeError, decode_image, is_image_name
 from .image_folder import index_image_folder
 from .index import DatasetIndex
 from .sources import Source, open_source
@@ -254,6 +254,15 @@ def _remove_older_formats(entry: Path, manifest: dict) -> None:
             other.with_name(other.name + ".lock").unlink(missing_ok=True)
 
 
+def _skipped_files_now_read(manifest: dict) -> bool:
+    """Whether the entry was built by a cvtlab that skipped some of this source's images for
+    their names (TIFF, GIF, ... before it read them)."""
+    return any(
+        s.get("reason") == OLD_SKIP_REASON and is_image_name(s.get("file", ""))
+        for s in manifest.get("skipped", [])
+    )
+
+
 def open_decoded(
     path: str | Path, img_size: int = 64, workers: int | None = None
 ) -> DecodedDataset:
@@ -266,7 +275,11 @@ def open_decoded(
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = _read_manifest(entry)
-        built = manifest is None or manifest["fingerprint"] != fingerprint
+        built = (
+            manifest is None
+            or manifest["fingerprint"] != fingerprint
+            or _skipped_files_now_read(manifest)
+        )
         if built:
             index = load_index(source)
             workers = workers or min(os.cpu_count() or 1, 8)

@@ -8,7 +8,13 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# GIFs give their first frame, multi-page TIFFs their first page.
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"
+)  # fmt: skip
+# Until cvtlab read TIFF, GIF, JFIF and PNM files, it skipped them for their names with this
+# reason: a decoded cache that lists one so is rebuilt (data/cache.py).
+OLD_SKIP_REASON = "not an image"
 
 
 class DecodeError(Exception):
@@ -17,6 +23,13 @@ class DecodeError(Exception):
 
 def is_image_name(path: str) -> bool:
     return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def skip_reason_for_name(path: str) -> str:
+    """Why a file whose name is not an image's is skipped."""
+    suffix = path.rsplit("/", 1)[-1].rpartition(".")[2]
+    kind = f"'.{suffix}'" if "." in path.rsplit("/", 1)[-1] else "a name without a suffix"
+    return f"not an image file ({kind})"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -60,14 +73,18 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, str, tuple[int, in
             img.draft(mode, (size, size))
             img.load()
     except UnidentifiedImageError:
-        raise DecodeError("not an image") from None
+        raise DecodeError("not an image (unrecognised content)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f"corrupt or truncated image ({e})") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # unreadable EXIF is metadata only: the pixels are still good
         pass
-    img = resize_and_center_crop(_to_rgb(img), size)
+    try:
+        rgb = _to_rgb(img)
+    except (OSError, ValueError) as e:
+        raise DecodeError(f"pixel mode {mode} cannot be read as RGB ({e})") from None
+    img = resize_and_center_crop(rgb, size)
     return np.asarray(img, dtype=np.uint8), mode, original_size
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ..errors import CvtLabError
-from .decode import is_image_name
+from .decode import is_image_name, skip_reason_for_name
 from .index import DatasetIndex
 from .sources import Source
 
@@ -51,7 +51,7 @@ def index_image_folder(source: Source) -> DatasetIndex:
             if cls not in label_of:
                 index.skip(f, f"class folder {cls!r} is not in train/")
             elif not is_image_name(f):
-                index.skip(f, "not an image")
+                index.skip(f, skip_reason_for_name(f))
             else:
                 items.append((f, label_of[cls]))
         if items or split in ("train", "all"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ..errors import CvtLabError
-from .decode import is_image_name
+from .decode import is_image_name, skip_reason_for_name
 from .index import DatasetIndex
 from .sources import Source
 
@@ -80,7 +80,7 @@ def index_tiny_imagenet(source: Source) -> DatasetIndex:
             elif is_image_name(f):
                 index.splits["train"].append((f, label_of[wnid]))
             else:
-                index.skip(f, "not an image")
+                index.skip(f, skip_reason_for_name(f))
     for wnid in wnids:
         if wnid not in by_folder:
             raise CvtLabError(f"{source.describe('train/' + wnid)}: class folder is missing")
@@ -105,7 +105,7 @@ def index_tiny_imagenet(source: Source) -> DatasetIndex:
                 index.boxes[f"val/images/{cols[0]}"] = _box(cols[2:6], where)
         for f in val_images:
             if not is_image_name(f):
-                index.skip(f, "not an image")
+                index.skip(f, skip_reason_for_name(f))
             elif f not in labelled:
                 index.skip(f, "not listed in val_annotations.txt")
             else:
@@ -117,7 +117,7 @@ def index_tiny_imagenet(source: Source) -> DatasetIndex:
         if is_image_name(f):
             index.splits["test"].append((f, -1))
         else:
-            index.skip(f, "not an image")
+            index.skip(f, skip_reason_for_name(f))
     # Official order within a split: by the number in the file name, not lexically.
     for split in index.splits.values():
         split.sort(key=lambda item: _natural_key(item[0]))
