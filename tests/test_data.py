@@ -589,7 +589,7 @@ def test_data_show_writes_a_png(shapes_small, tmp_path):
 def test_tiff_gif_and_pnm_images_are_read_and_a_cache_that_skipped_them_is_rebuilt(
     tmp_path, monkeypatch
 ):
-    from cvtlab.data import decode, image_folder
+    from cvtlab.data import cache, decode
 
     def save(path, img, **kw):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -609,10 +609,10 @@ def test_tiff_gif_and_pnm_images_are_read_and_a_cache_that_skipped_them_is_rebui
     save(root / "grey" / "c.pgm", Image.new("L", (40, 30), 128))
     (root / "grey" / "notes.txt").write_text("not an image")
 
-    # The cvtlab before: five suffixes, and every other file skipped as "not an image".
+    # The cvtlab before: five suffixes, and the cache format before.
     with monkeypatch.context() as m:
         m.setattr(decode, "IMAGE_SUFFIXES", (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
-        m.setattr(image_folder, "skip_reason_for_name", lambda f: "not an image")
+        m.setattr(cache, "FORMAT_VERSION", cache.FORMAT_VERSION - 1)
         assert open_decoded(root).splits == {"all": 2}
 
     d = open_decoded(root)
@@ -626,3 +626,35 @@ def test_tiff_gif_and_pnm_images_are_read_and_a_cache_that_skipped_them_is_rebui
     scan = rows["grey/b.tif"][..., 0].astype(int)  # the full 16-bit range, scaled to 8 bits
     assert scan.min() <= 5 and scan.max() >= 250 and (np.diff(scan, axis=1) >= 0).all()
     assert not open_decoded(root).built_now  # rebuilt once, not every time
+
+
+def test_a_zip_made_on_macos_with_images_in_subfolders_of_their_class(tmp_path):
+    """Finder's "Compress" adds a __MACOSX/ tree of resource forks named like the images, and
+    .DS_Store files; people sort a class's photos into subfolders (by date, by source)."""
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(png, format="PNG")
+    z = tmp_path / "photos.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for name in ("cat/a.png", "cat/2019/b.png", "cat/2019/june/c.png", "dog/d.png"):
+            zf.writestr(f"photos/{name}", png.getvalue())
+            folder, _, base = name.rpartition("/")
+            zf.writestr(f"__MACOSX/photos/{folder}/._{base}", b"\x00\x05\x16\x07 resource fork")
+        zf.writestr("photos/.DS_Store", b"\x00\x00\x00\x01Bud1")
+        zf.writestr("photos/dog/.DS_Store", b"\x00\x00\x00\x01Bud1")
+    index = load_index(z)
+    assert index.classes == ["cat", "dog"]
+    assert sorted(index.splits["all"]) == [
+        ("cat/2019/b.png", 0),
+        ("cat/2019/june/c.png", 0),
+        ("cat/a.png", 0),
+        ("dog/d.png", 1),
+    ]
+    assert index.skipped == []
+    # With split folders, the class is the folder under the split.
+    root = tmp_path / "splits"
+    for name in ("train/cat/x/a.png", "train/dog/b.png", "test/cat/y/z/c.png", "test/dog/d.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(png.getvalue())
+    index = load_index(root)
+    assert index.splits["train"] == [("train/cat/x/a.png", 0), ("train/dog/b.png", 1)]
+    assert index.splits["test"] == [("test/cat/y/z/c.png", 0), ("test/dog/d.png", 1)]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CvtLabError
-from .decode import GRAY_MODES, OLD_SKIP_REASON, DecodeError, decode_image, is_image_name
+from .decode import GRAY_MODES, DecodeError, decode_image
 from .image_folder import index_image_folder
 from .index import DatasetIndex
 from .sources import Source, open_source
@@ -34,8 +34,11 @@ from .tiny_imagenet import index_tiny_imagenet, looks_like_tiny_imagenet
 
 log = logging.getLogger("cvtlab.data")
 
+# The version of what an entry holds: bumped when decoding or the choice of files changes.
 # 3: EXIF orientation applied, large JPEGs decoded at reduced scale (decode.py).
-FORMAT_VERSION = 3
+# 4: TIFF, GIF, JFIF and PNM images read; images in subfolders of a class folder and zips made
+#    on macOS (their __MACOSX/ tree left out) indexed (image_folder.py, sources.py).
+FORMAT_VERSION = 4
 _CHUNK = 2048
 
 
@@ -254,15 +257,6 @@ def _remove_older_formats(entry: Path, manifest: dict) -> None:
             other.with_name(other.name + ".lock").unlink(missing_ok=True)
 
 
-def _skipped_files_now_read(manifest: dict) -> bool:
-    """Whether the entry was built by a cvtlab that skipped some of this source's images for
-    their names (TIFF, GIF, ... before it read them)."""
-    return any(
-        s.get("reason") == OLD_SKIP_REASON and is_image_name(s.get("file", ""))
-        for s in manifest.get("skipped", [])
-    )
-
-
 def open_decoded(
     path: str | Path, img_size: int = 64, workers: int | None = None
 ) -> DecodedDataset:
@@ -275,11 +269,7 @@ def open_decoded(
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = _read_manifest(entry)
-        built = (
-            manifest is None
-            or manifest["fingerprint"] != fingerprint
-            or _skipped_files_now_read(manifest)
-        )
+        built = manifest is None or manifest["fingerprint"] != fingerprint
         if built:
             index = load_index(source)
             workers = workers or min(os.cpu_count() or 1, 8)

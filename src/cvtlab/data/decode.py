@@ -12,9 +12,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = (
     ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"
 )  # fmt: skip
-# Until cvtlab read TIFF, GIF, JFIF and PNM files, it skipped them for their names with this
-# reason: a decoded cache that lists one so is rebuilt (data/cache.py).
-OLD_SKIP_REASON = "not an image"
 
 
 class DecodeError(Exception):

@@ -19,11 +19,12 @@ def index_image_folder(source: Source) -> DatasetIndex:
     has_splits = bool(tops) and "train" in tops and tops <= set(SPLIT_NAMES)
     split_files: dict[str, list[str]] = defaultdict(list)
     loose = []
+    # A class folder's images may sit in subfolders of it at any depth (cat/2019/x.jpg).
     for f in files:
         parts = f.split("/")
-        if has_splits and len(parts) == 3:
+        if has_splits and len(parts) >= 3:
             split_files[parts[0]].append(f)
-        elif not has_splits and len(parts) == 2:
+        elif not has_splits and len(parts) >= 2:
             split_files["all"].append(f)
         else:
             loose.append(f)
@@ -47,7 +48,7 @@ def index_image_folder(source: Source) -> DatasetIndex:
     for split in SPLIT_NAMES if has_splits else ("all",):
         items = []
         for f in sorted(split_files.get(split, [])):
-            cls = f.split("/")[-2]
+            cls = f.split("/")[1 if has_splits else 0]
             if cls not in label_of:
                 index.skip(f, f"class folder {cls!r} is not in train/")
             elif not is_image_name(f):

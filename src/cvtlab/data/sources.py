@@ -14,6 +14,12 @@ from pathlib import Path
 from ..errors import CvtLabError
 
 
+def is_system_clutter(path: str) -> bool:
+    """Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints/``) and the ``__MACOSX/``
+    tree of resource forks that macOS puts in the zips it makes: never part of a dataset."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.split("/"))
+
+
 class Source:
     """A read-only tree of files: ``files()`` lists them, ``read()`` returns their bytes."""
 
@@ -51,6 +57,7 @@ class ZipSource(Source):
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError) as e:
             raise CvtLabError(f"{path}: not a readable zip file ({e})") from None
+        infos = [i for i in infos if not is_system_clutter(i.filename.rstrip("/"))]
         names = [i.filename for i in infos if not i.is_dir()]
         tops = {n.split("/", 1)[0] for n in names}
         # A zip holding one top folder (tiny-imagenet-200/...) is rooted inside it, unless that
@@ -100,8 +107,7 @@ class DirSource(Source):
         self._names = sorted(
             p.relative_to(self.path).as_posix()
             for p in self.path.rglob("*")
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(self.path).parts)
+            if p.is_file() and not is_system_clutter(p.relative_to(self.path).as_posix())
         )
 
     def files(self) -> list[str]:
