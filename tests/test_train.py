@@ -339,8 +339,8 @@ def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path
 
 
 def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, tmp_path):
-    """A folder stands for its images (subfolders too, sorted); other files are passed over,
-    and a folder without images is reported like an unreadable image."""
+    """A folder stands for its images (subfolders too, sorted); other files and hidden ones are
+    passed over, and a folder without images is reported like an unreadable image."""
     import shutil
 
     out, _ = trained
@@ -350,6 +350,9 @@ def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, t
     shutil.copy(images / "test_0.JPEG", photos / "b.JPEG")
     Image.open(images / "test_1.JPEG").save(photos / "more" / "a.png")
     (photos / "notes.txt").write_text("not an image")
+    (photos / "._b.JPEG").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata, not a photo
+    (photos / ".thumbnails").mkdir()
+    shutil.copy(images / "test_0.JPEG", photos / ".thumbnails" / "b.JPEG")
     (tmp_path / "empty").mkdir()
     r = run_cli_here(
         "predict",
