@@ -637,6 +637,19 @@ def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
     assert all(w in r.stderr for w in words), r.stderr
 
 
+def test_a_dataset_of_one_class_is_refused_before_training(tmp_path):
+    """One class folder trained a classifier of one class, then failed on its report."""
+    for i in range(6):
+        (tmp_path / "data" / "cats").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / "data" / "cats" / f"{i}.png")
+    r = run_cli_here(
+        "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), *FAST[:2]
+    )
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "one class ('cats')" in r.stderr and "at least two classes" in r.stderr
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
 def test_a_muon_run_checkpoints_its_momentum_for_the_blocks_matrices(shapes_small, tmp_path):
     out = tmp_path / "run"
     r = run_cli_here(

@@ -152,6 +152,12 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
             self.data = open_decoded(self.data_path, self.img_size)
+            names = self.data.class_names
+            if len(names) < 2:
+                raise CvtLabError(
+                    f"{self.data_path}: one class ({names[0]!r}); a classifier needs images of"
+                    " at least two classes, one folder each"
+                )
             self.rows = plan_splits(self.data, self.val_per_class, self.seed)
             if self.batch_size > len(self.rows["train"]):
                 raise CvtLabError(
