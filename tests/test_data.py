@@ -658,3 +658,35 @@ def test_a_zip_made_on_macos_with_images_in_subfolders_of_their_class(tmp_path):
     index = load_index(root)
     assert index.splits["train"] == [("train/cat/x/a.png", 0), ("train/dog/b.png", 1)]
     assert index.splits["test"] == [("test/cat/y/z/c.png", 0), ("test/dog/d.png", 1)]
+
+
+def test_a_full_disk_is_one_line_before_decoding_and_a_killed_builds_folder_is_cleared(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from cvtlab.data import cache
+
+    monkeypatch.setenv("CVTLAB_CACHE", str(tmp_path / "cache"))
+    root = _folder(tmp_path / "f", {"cats": {"a.jpg": _jpeg()}, "dogs": {"b.jpg": _jpeg()}})
+
+    def disk_full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    decoded = []
+    real_decode = cache._decode_chunk
+    monkeypatch.setattr(cache, "_decode_chunk", lambda *a: decoded.append(1) or real_decode(*a))
+    with monkeypatch.context() as m:
+        m.setattr(os, "posix_fallocate", disk_full)
+        with pytest.raises(CvtLabError, match=r"decoded: no room for the decoded cache \(0 MiB"):
+            open_decoded(root)
+    assert not decoded  # stopped before decoding anything
+    entries = tmp_path / "cache" / "decoded"
+    assert [p.name for p in entries.iterdir() if not p.name.endswith(".lock")] == []
+    # A build killed outright (SIGKILL, or SIGBUS on a full disk before this check) leaves its
+    # folder; the next build of the entry clears it.
+    orphan = entries / (cache._entry_dir(cache.open_source(root), 64).name + ".tmp-999999")
+    (orphan / "images.npy").parent.mkdir()
+    (orphan / "images.npy").write_bytes(b"\0" * 1000)
+    d = open_decoded(root)
+    assert d.splits == {"all": 2} and not orphan.exists()

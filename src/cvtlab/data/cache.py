@@ -10,6 +10,7 @@ in one step, so a build killed half-way leaves nothing a later run trusts; a cha
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -133,9 +134,35 @@ def _decode_chunk(source: Source, npy: str, start: int, paths: list[str], size: 
     return failed, gray, modes, sizes
 
 
+def _reserve_space(npy: Path, entry: Path) -> None:
+    """Allocate the whole image array on disk before decoding into it. The array is written
+    through a memory map, and a memory-mapped write that finds the disk full kills the process
+    (SIGBUS) without a word; allocating first turns that into one line, before any work."""
+    free = shutil.disk_usage(entry.parent).free
+    with open(npy, "r+b") as f:
+        length = os.fstat(f.fileno()).st_size
+        try:
+            os.posix_fallocate(f.fileno(), 0, length)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return  # a file system without allocation: decode and hope, as before
+            raise CvtLabError(
+                f"{entry.parent}: no room for the decoded cache ({_size(length)} needed,"
+                f" {_size(free)} free); free space there or set CVTLAB_CACHE to a folder on a"
+                " larger disk"
+            ) from None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
 def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, workers: int) -> None:
+    # Under the entry's lock no other process is building it: a build folder left beside it
+    # belongs to a process that was killed (or died on a full disk) and holds its partial copy.
+    for orphan in entry.parent.glob(f"{entry.name}.tmp-*"):
+        shutil.rmtree(orphan, ignore_errors=True)
     tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         items = [
@@ -144,6 +171,7 @@ def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, worker
         n = len(items)
         npy = tmp / "images.npy"
         np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+        _reserve_space(npy, entry)
         chunks = [(s, [p for _, p, _ in items[s : s + _CHUNK]]) for s in range(0, n, _CHUNK)]
         failed: list[tuple[int, str]] = []
         gray: set[int] = set()
