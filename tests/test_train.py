@@ -1377,3 +1377,27 @@ def test_a_run_folder_resolves_to_the_checkpoint_its_test_scored(tmp_path):
     (ckpts / "best.ckpt").unlink()
     with pytest.raises(CvtLabError, match=r"run: a run folder without its checkpoint \(.*best"):
         resolve_checkpoint(run)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_before(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from cvtlab import CvtLabError
+    from cvtlab.train import callbacks
+    from cvtlab.train.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def save_on_a_full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(callbacks.torch, "save", save_on_a_full_disk)
+    with pytest.raises(CvtLabError, match=r"last.ckpt: the checkpoint could not be written"):
+        io.save_checkpoint({"step": 2}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
+    assert torch.load(path, weights_only=True) == {"step": 1}

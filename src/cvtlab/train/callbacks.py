@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ..errors import RunInterrupted
+from ..errors import CvtLabError, RunInterrupted
 
 EPOCH_KEYS = [
     "epoch",
@@ -42,11 +43,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a full disk as a RuntimeError about a file position.
+            full = shutil.disk_usage(path.parent).free < 2**20
+            tmp.unlink(missing_ok=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
+            reason = "the disk is full" if full else reason
+            raise CvtLabError(
+                f"{path}: the checkpoint could not be written ({reason}); the one before it, if"
+                " any, is intact"
+            ) from None
 
 
 class RunCheckpoint(ModelCheckpoint):
