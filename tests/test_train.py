@@ -1401,3 +1401,11 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_befor
         io.save_checkpoint({"step": 2}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_onnx_export_without_the_onnx_package_says_what_to_install(trained, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as in an install without the extra
+    out, _ = trained
+    r = run_cli_here("export", "--checkpoint", str(out), "--format", "onnx", "--out", "m.onnx")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "pip install 'cvtlab[onnx]'" in r.stderr

@@ -13,6 +13,15 @@ from .models.pretrained import save_weights
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, opset: int = 17) -> Path:
+    if fmt not in ("safetensors", "onnx"):
+        raise CvtLabError(f"--format must be safetensors or onnx, not {fmt!r}")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401  (PyTorch's exporter writes through it)
+        except ImportError:
+            raise CvtLabError(
+                "--format onnx needs the onnx package (pip install 'cvtlab[onnx]')"
+            ) from None
     predictor = load_predictor(checkpoint)
     model = predictor.model.eval()
     out = Path(out)
@@ -24,8 +33,6 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, opset: int = 17) -
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         return save_weights(model, out, predictor.class_names if predictor.names_known else None)
-    if fmt != "onnx":
-        raise CvtLabError(f"--format must be safetensors or onnx, not {fmt!r}")
     example = torch.zeros(1, 3, predictor.img_size, predictor.img_size)
     tmp = out.with_name(out.name + ".tmp")
     with warnings.catch_warnings(), torch.no_grad():
