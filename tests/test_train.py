@@ -1122,9 +1122,12 @@ def test_batch_schedule_resumes_mid_epoch_where_it_stopped(shapes_small, tmp_pat
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-3)
 
 
-def test_a_run_folder_moved_before_resuming_keeps_its_best_checkpoint(shapes_small, tmp_path):
+def test_a_run_folder_moved_before_resuming_keeps_its_best_checkpoint(
+    shapes_small, tmp_path, capsys
+):
     """A run folder copied elsewhere (off a cluster node, say) resumes with the best score it
-    had: a later epoch that validates no better does not replace ``best.ckpt``."""
+    had: a later epoch that validates no better does not replace ``best.ckpt``. A setting
+    changed on resuming (here: one more epoch) is named, and config.yaml records it."""
     import shutil
     import warnings
 
@@ -1146,25 +1149,28 @@ def test_a_run_folder_moved_before_resuming_keeps_its_best_checkpoint(shapes_sma
             data=str(shapes_small),
             out=str(tmp_path / out),
             model="cvt_seed",
-            epochs=3,
             batch_size=50,
             seed=3,
             accelerator="cpu",
             train_sizes=[[0, 32]],
-            **extra,
+            **{"epochs": 3, **extra},
         )
 
     with pytest.raises(RuntimeError, match="cut"):
         train(config("node"), extra_callbacks=[Cut()])
     shutil.move(tmp_path / "node", tmp_path / "home")
+    capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed = train(config("home", resume=True))
+        resumed = train(config("home", resume=True, epochs=4))
     assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     best = torch.load(tmp_path / "home/checkpoints/best.ckpt", weights_only=True)
     assert best["epoch"] == resumed["best_epoch"] == 0
     assert resumed["test_checkpoint"] == str(tmp_path / "home/checkpoints/best.ckpt")
-    assert resumed["steps"] == 30
+    assert resumed["steps"] == 40
+    assert "resuming with changed settings: epochs 3 -> 4\n" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "home" / "config.yaml").read_text())
+    assert (saved["epochs"], saved["out"], saved["resume"]) == (4, str(tmp_path / "home"), False)
 
 
 def test_a_non_finite_loss_flag_blocks_any_checkpoint_save():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..data.datamodule import ImageDataModule
@@ -121,6 +123,24 @@ def _check_out(cfg: TrainConfig, out: Path) -> None:
         )
 
 
+def _record_resumed_config(cfg: TrainConfig, path: Path) -> None:
+    """A resumed run may take new settings (more epochs, the data at a new path, more devices):
+    say which, and keep ``config.yaml`` describing the run as it now goes on."""
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    now = cfg.to_dict()
+    changed = [
+        f"{key} {saved[key]!r} -> {now[key]!r}"
+        for key in now
+        if key in saved and saved[key] != now[key] and key not in ("resume", "out")
+    ]
+    if changed:
+        print("resuming with changed settings: " + "; ".join(changed), flush=True)
+    save_config(dataclasses.replace(cfg, resume=False), path)
+
+
 def configure_from_cli(recipe: str | None, flags: dict) -> TrainConfig:
     """A run's config; ``--resume`` starts from the saved ``config.yaml`` of ``--out``."""
     if flags.get("resume") and flags.get("out"):
@@ -220,6 +240,8 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     trainer = build_trainer(cfg, out, history, extra_callbacks, precision)
     if first and not cfg.resume:
         save_config(cfg, out / "config.yaml")
+    elif first:
+        _record_resumed_config(cfg, out / "config.yaml")
 
     steps_per_epoch = len(dm.rows["train"]) // (cfg.batch_size * trainer.world_size)
     if cfg.limit_train_batches:
