@@ -49,6 +49,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _sync_folder(path.parent)
         except (OSError, RuntimeError) as e:
             # torch.save reports a full disk as a RuntimeError about a file position.
             full = shutil.disk_usage(path.parent).free < 2**20
@@ -59,6 +60,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{path}: the checkpoint could not be written ({reason}); the one before it, if"
                 " any, is intact"
             ) from None
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk: until then a rename can be lost to a power cut, leaving
+    the previous checkpoint under the name, however durably the new file's bytes were written."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # a platform or file system that cannot open folders
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class RunCheckpoint(ModelCheckpoint):
