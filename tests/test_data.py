@@ -690,3 +690,22 @@ def test_a_full_disk_is_one_line_before_decoding_and_a_killed_builds_folder_is_c
     (orphan / "images.npy").write_bytes(b"\0" * 1000)
     d = open_decoded(root)
     assert d.splits == {"all": 2} and not orphan.exists()
+
+
+def test_a_damaged_cache_entry_is_decoded_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CVTLAB_CACHE", str(tmp_path / "cache"))
+    root = _folder(tmp_path / "f", {"cats": {"a.jpg": _jpeg()}, "dogs": {"b.jpg": _jpeg()}})
+    first = open_decoded(root)
+    want = np.array(first.images)
+    npy = first.root / "images.npy"
+    for damage in (
+        lambda: os.truncate(npy, 1000),  # a disk error cut the array short
+        lambda: (first.root / "labels.npy").unlink(),
+    ):
+        damage()
+        with caplog.at_level("WARNING", logger="cvtlab.data"):
+            again = open_decoded(root)
+        assert again.built_now and np.array_equal(again.images, want)
+        assert "damaged" in caplog.text and "decoding the dataset again" in caplog.text
+        caplog.clear()
+    assert not open_decoded(root).built_now

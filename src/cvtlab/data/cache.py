@@ -106,9 +106,20 @@ def _read_manifest(entry: Path) -> dict | None:
     return manifest if manifest.get("format") == FORMAT_VERSION else None
 
 
+class _DamagedEntry(Exception):
+    """A cache entry whose files do not match its manifest (a disk error, a hand edit)."""
+
+
 def _open(entry: Path, manifest: dict) -> DecodedDataset:
-    images = np.load(entry / "images.npy", mmap_mode="r")
-    labels = np.load(entry / "labels.npy")
+    try:
+        images = np.load(entry / "images.npy", mmap_mode="r")
+        labels = np.load(entry / "labels.npy")
+        rows = max((end for _, end in manifest["splits"].values()), default=0)
+        size = manifest["img_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _DamagedEntry(f"{type(e).__name__}: {e}") from None
+    if images.shape != (rows, size, size, 3) or labels.shape != (rows,):
+        raise _DamagedEntry(f"{images.shape[0]} images and {labels.shape[0]} labels for {rows}")
     return DecodedDataset(entry, images, labels, manifest)
 
 
@@ -306,13 +317,18 @@ def open_decoded(
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = _read_manifest(entry)
-        built = manifest is None or manifest["fingerprint"] != fingerprint
-        if built:
+        data = None
+        if manifest is not None and manifest["fingerprint"] == fingerprint:
+            try:
+                data = _open(entry, manifest)
+            except _DamagedEntry as e:
+                log.warning("%s: damaged (%s); decoding the dataset again", entry, e)
+        if data is None:
             index = load_index(source)
             workers = workers or min(os.cpu_count() or 1, 8)
             _build(index, entry, img_size, fingerprint, workers)
             manifest = _read_manifest(entry)
             _remove_older_formats(entry, manifest)
-        data = _open(entry, manifest)
-        data.built_now = built
+            data = _open(entry, manifest)
+            data.built_now = True
         return data
