@@ -1415,3 +1415,18 @@ def test_onnx_export_without_the_onnx_package_says_what_to_install(trained, monk
     r = run_cli_here("export", "--checkpoint", str(out), "--format", "onnx", "--out", "m.onnx")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "pip install 'cvtlab[onnx]'" in r.stderr
+
+
+def test_resuming_from_a_damaged_checkpoint_is_one_line(trained, shapes_small, tmp_path):
+    import shutil
+
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    last = run / "checkpoints" / "last.ckpt"
+    whole = last.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"not a checkpoint"):
+        last.write_bytes(damaged)
+        r = run_cli_here("train", "--resume", "--out", str(run))
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert f"--resume: {last} cannot be read (cut short, or not a checkpoint)" in r.stderr

@@ -8,6 +8,7 @@ import logging
 import os
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -115,6 +116,18 @@ def _check_out(cfg: TrainConfig, out: Path) -> None:
         if not last.is_file():
             raise CvtLabError(
                 f"--resume: {last} does not exist, so there is no run to resume in {out}"
+            )
+        why = None
+        if not zipfile.is_zipfile(last):  # a checkpoint is a zip; a cut-off one has no index
+            why = "cut short, or not a checkpoint"
+        else:
+            try:  # memory-mapped: reads the file's index, not its tensors
+                torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # unpickling, zip and I/O errors alike
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if why:
+            raise CvtLabError(
+                f"--resume: {last} cannot be read ({why}); the run cannot continue from it"
             )
         return
     if (out / "config.yaml").exists() or (out / "checkpoints").exists():
