@@ -709,3 +709,20 @@ def test_a_damaged_cache_entry_is_decoded_again(tmp_path, monkeypatch, caplog):
         assert "damaged" in caplog.text and "decoding the dataset again" in caplog.text
         caplog.clear()
     assert not open_decoded(root).built_now
+
+
+def test_an_image_too_large_to_decode_safely_is_a_counted_skip(tmp_path, monkeypatch):
+    """Pillow refuses images over its pixel limit (a warning up to twice it, an error beyond):
+    a gigapixel scan among a folder's photos is skipped and named, not a crash mid-build."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # instead of a 100-MP file
+    png = {}
+    for name, side in (("small.png", 64), ("large.png", 120), ("huge.png", 200)):
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), (0, 90, 0)).save(buf, format="PNG")
+        png[name] = buf.getvalue()
+    root = _folder(tmp_path / "f", {"a": png, "b": {"small.png": png["small.png"]}})
+    d = open_decoded(root)
+    assert d.splits == {"all": 2}
+    reasons = {os.path.basename(s["file"]): s["reason"] for s in d.manifest["skipped"]}
+    assert set(reasons) == {"large.png", "huge.png"}
+    assert all(r.startswith("too large to decode (Image size (") for r in reasons.values())

@@ -71,7 +71,10 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, str, tuple[int, in
             img.load()
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised content)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow refuses images of more pixels than it is set to trust (89 MP by default).
+        raise DecodeError(f"too large to decode ({str(e).split(',')[0]})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DecodeError(f"corrupt or truncated image ({e})") from None
     try:
         img = ImageOps.exif_transpose(img)
