@@ -24,8 +24,8 @@ def is_image_name(path: str) -> bool:
 
 def skip_reason_for_name(path: str) -> str:
     """Why a file whose name is not an image's is skipped."""
-    suffix = path.rsplit("/", 1)[-1].rpartition(".")[2]
-    kind = f"'.{suffix}'" if "." in path.rsplit("/", 1)[-1] else "a name without a suffix"
+    name = path.rsplit("/", 1)[-1]
+    kind = f"'.{name.rpartition('.')[2]}'" if "." in name else "a name without a suffix"
     return f"not an image file ({kind})"
 
 

@@ -52,10 +52,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             _sync_folder(path.parent)
         except (OSError, RuntimeError) as e:
             # torch.save reports a full disk as a RuntimeError about a file position.
-            full = shutil.disk_usage(path.parent).free < 2**20
+            if shutil.disk_usage(path.parent).free < 2**20:  # measured before the unlink
+                reason = "the disk is full"
+            elif isinstance(e, OSError) and e.strerror:
+                reason = e.strerror
+            else:
+                reason = str(e).split("\n")[0]
             tmp.unlink(missing_ok=True)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
-            reason = "the disk is full" if full else reason
             raise CvtLabError(
                 f"{path}: the checkpoint could not be written ({reason}); the one before it, if"
                 " any, is intact"
