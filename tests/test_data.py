@@ -726,3 +726,28 @@ def test_an_image_too_large_to_decode_safely_is_a_counted_skip(tmp_path, monkeyp
     reasons = {os.path.basename(s["file"]): s["reason"] for s in d.manifest["skipped"]}
     assert set(reasons) == {"large.png", "huge.png"}
     assert all(r.startswith("too large to decode (Image size (") for r in reasons.values())
+
+
+def test_a_folder_of_links_to_class_folders(tmp_path):
+    """A subset of a dataset is often made of links to its class folders; a link back up the
+    tree is read once, not followed round."""
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (0, 0, 120)).save(png, format="PNG")
+    full = _folder(
+        tmp_path / "full",
+        {c: {f"{i}.png": png.getvalue() for i in range(3)} for c in ("cat", "dog", "owl")},
+    )
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    (subset / "cat").symlink_to(full / "cat", target_is_directory=True)
+    (subset / "dog").mkdir()
+    (subset / "dog" / "0.png").symlink_to(full / "dog" / "0.png")
+    (subset / "dog" / "again").symlink_to(subset, target_is_directory=True)
+    index = load_index(subset)
+    assert index.classes == ["cat", "dog"]
+    assert sorted(index.splits["all"]) == [
+        ("cat/0.png", 0),
+        ("cat/1.png", 0),
+        ("cat/2.png", 0),
+        ("dog/0.png", 1),
+    ]

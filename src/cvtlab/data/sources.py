@@ -104,11 +104,7 @@ class DirSource(Source):
     def __init__(self, path: Path):
         self.path = path.resolve()
         self.location = str(path)
-        self._names = sorted(
-            p.relative_to(self.path).as_posix()
-            for p in self.path.rglob("*")
-            if p.is_file() and not is_system_clutter(p.relative_to(self.path).as_posix())
-        )
+        self._names, self._dirs = walk_tree(self.path)
 
     def files(self) -> list[str]:
         return list(self._names)
@@ -130,12 +126,31 @@ class DirSource(Source):
         return str(self.path / path)
 
     def folders(self) -> set[str]:
-        return {
-            p.relative_to(self.path).as_posix()
-            for p in self.path.rglob("*")
-            if p.is_dir()
-            and not any(part.startswith(".") for part in p.relative_to(self.path).parts)
-        }
+        return set(self._dirs)
+
+
+def walk_tree(root: Path) -> tuple[list[str], set[str]]:
+    """The files (sorted) and folders under ``root`` as POSIX paths relative to it. Links are
+    followed, since a subset of a dataset is often a folder of links to class folders, but a
+    folder reached twice (a link back up the tree) is read once."""
+    files, folders, seen = [], set(), set()
+    for here, subdirs, names in os.walk(root, followlinks=True):
+        st = os.stat(here)
+        if (st.st_dev, st.st_ino) in seen:
+            subdirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subdirs[:] = [d for d in subdirs if not is_system_clutter(d)]
+        rel = Path(here).relative_to(root).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        if prefix:
+            folders.add(rel)
+        files += [
+            prefix + n
+            for n in names
+            if not is_system_clutter(n) and os.path.isfile(os.path.join(here, n))
+        ]
+    return sorted(files), folders
 
 
 def open_source(path: str | Path) -> Source:

@@ -295,7 +295,7 @@ def _expand_folders(paths: list[str]) -> list[tuple[str, str | None]]:
     """(path, error) per image file, a folder replaced by the images under it; an empty
     folder is reported (its error set), not silently dropped."""
     from ..data.decode import is_image_name
-    from ..data.sources import is_system_clutter
+    from ..data.sources import walk_tree
 
     expanded: list[tuple[str, str | None]] = []
     for path in paths:
@@ -303,13 +303,8 @@ def _expand_folders(paths: list[str]) -> list[tuple[str, str | None]]:
         if not folder.is_dir():
             expanded.append((path, None))
             continue
-        found = sorted(
-            str(f)
-            for f in folder.rglob("*")
-            if f.is_file()
-            and is_image_name(f.name)
-            and not is_system_clutter(f.relative_to(folder).as_posix())
-        )
+        # As a dataset folder is read: links followed, hidden files and __MACOSX/ left out.
+        found = [str(folder / f) for f in walk_tree(folder)[0] if is_image_name(f)]
         expanded.extend([(f, None) for f in found] or [(path, f"{path}: a folder without images")])
     return expanded
 
