@@ -130,6 +130,20 @@ def test_eval_on_data_with_other_classes_is_refused(trained, shapes_small, tmp_p
     assert "classes are not the checkpoint's" in r.stderr and "'squircle'" in r.stderr
 
 
+def test_eval_on_every_labelled_image_of_a_dataset(trained, shapes_small):
+    """--split all scores a held-out set of one's own whole, not the share that training would
+    have carved from it for testing."""
+    out, _ = trained
+    r = run_cli_here("eval", "--checkpoint", str(out), "--split", "all", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    scored = json.loads(r.stdout)
+    # 60 training and 10 labelled val images in each of 10 classes; the test images are
+    # unlabelled.
+    assert scored["split"] == "all" and scored["n"] == 700
+    test = json.loads(run_cli_here("eval", "--checkpoint", str(out), "--format", "json").stdout)
+    assert test["n"] == 100  # the default: the test split alone
+
+
 @pytest.mark.parametrize(
     "args, flag",
     [
