@@ -240,6 +240,11 @@ def _jpeg(colour=(200, 10, 10), size=(64, 64), mode="RGB") -> bytes:
     return buf.getvalue()
 
 
+def _classes_and_items(index) -> tuple[list[str], list[tuple[str, int]]]:
+    """An image folder's classes and its (file, label) pairs, sorted."""
+    return index.classes, sorted(index.splits["all"])
+
+
 def _folder(root, classes):
     for cls, files in classes.items():
         (root / cls).mkdir(parents=True, exist_ok=True)
@@ -642,13 +647,10 @@ def test_a_zip_made_on_macos_with_images_in_subfolders_of_their_class(tmp_path):
         zf.writestr("photos/.DS_Store", b"\x00\x00\x00\x01Bud1")
         zf.writestr("photos/dog/.DS_Store", b"\x00\x00\x00\x01Bud1")
     index = load_index(z)
-    assert index.classes == ["cat", "dog"]
-    assert sorted(index.splits["all"]) == [
-        ("cat/2019/b.png", 0),
-        ("cat/2019/june/c.png", 0),
-        ("cat/a.png", 0),
-        ("dog/d.png", 1),
-    ]
+    assert _classes_and_items(index) == (
+        ["cat", "dog"],
+        [("cat/2019/b.png", 0), ("cat/2019/june/c.png", 0), ("cat/a.png", 0), ("dog/d.png", 1)],
+    )
     assert index.skipped == []
     # With split folders, the class is the folder under the split.
     root = tmp_path / "splits"
@@ -743,11 +745,7 @@ def test_a_folder_of_links_to_class_folders(tmp_path):
     (subset / "dog").mkdir()
     (subset / "dog" / "0.png").symlink_to(full / "dog" / "0.png")
     (subset / "dog" / "again").symlink_to(subset, target_is_directory=True)
-    index = load_index(subset)
-    assert index.classes == ["cat", "dog"]
-    assert sorted(index.splits["all"]) == [
-        ("cat/0.png", 0),
-        ("cat/1.png", 0),
-        ("cat/2.png", 0),
-        ("dog/0.png", 1),
-    ]
+    assert _classes_and_items(load_index(subset)) == (
+        ["cat", "dog"],
+        [("cat/0.png", 0), ("cat/1.png", 0), ("cat/2.png", 0), ("dog/0.png", 1)],
+    )
