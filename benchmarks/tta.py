@@ -27,6 +27,7 @@ STARTED = time.time()  # before torch is imported: --deadline counts from here
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TINY_ZIP, write_result  # noqa: E402
 
+from cvtlab.compare import read_history  # noqa: E402
 from cvtlab.errors import CvtLabError, RunInterrupted  # noqa: E402
 from cvtlab.train.commands import evaluate  # noqa: E402
 from cvtlab.train.config import make_config  # noqa: E402
@@ -119,18 +120,10 @@ def main(argv=None) -> dict:
     if other.is_file():
         scored = evaluate(str(other), args.data, "test")
         rows["test_top1_other_checkpoint"] = {"checkpoint": other.name, "top1": scored["top1"]}
-    curve = []
-    import csv
-
-    with open(Path(out) / "run" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            curve.append(
-                {
-                    "epoch": int(row["epoch"]),
-                    "elapsed_s": float(row["elapsed_s"]),
-                    "val_top1": float(row["val_top1"]) if row["val_top1"] else None,
-                }
-            )
+    curve = [
+        {"epoch": row["epoch"], "elapsed_s": float(row["elapsed_s"]), "val_top1": row["val_top1"]}
+        for row in read_history(Path(out) / "run" / "metrics.csv")
+    ]
     result = {
         "recipe": args.config,
         "budget_minutes": minutes,

@@ -398,6 +398,62 @@ def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, t
             assert p["probability"] == pytest.approx(q["probability"], abs=1e-5)
 
 
+def test_compare_puts_runs_side_by_side_and_names_the_settings_that_differ(trained, tmp_path):
+    """A finished run against one still going, with two settings changed: the figures of each,
+    the curves, and exactly the settings that differ."""
+    import shutil
+
+    out, _ = trained
+    other = tmp_path / "other" / "run"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("checkpoints", "report", "logs"))
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    decay, flip = cfg["weight_decay"], cfg["augment"]["flip"]
+    cfg["weight_decay"], cfg["augment"]["flip"] = decay + 0.1, not flip
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (other / "metrics.json").unlink()  # no test yet: still training, or stopped
+    rows = (other / "metrics.csv").read_text().splitlines()
+    (other / "metrics.csv").write_text("\n".join(rows[:3]) + "\n")  # two epochs logged
+
+    plot = tmp_path / "curves.png"
+    r = run_cli_here("compare", str(out), str(other), "--plot", str(plot), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    finished, going = result["runs"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert finished["finished"] and finished["test_top1"] == m["test_top1"]
+    assert (finished["epochs"], finished["steps"]) == (3, 30)
+    assert finished["machine"] == m["machine"] and finished["precision"] == m["precision"]
+    assert not going["finished"] and going["test_top1"] is None
+    assert (going["epochs"], going["steps"]) == (2, 20)
+    assert going["val_top1"] == max(row["val_top1"] for row in going["history"])
+    assert finished["run"] != going["run"] and going["run"].endswith("other/run")
+    assert result["differences"] == {
+        "augment.flip": {finished["run"]: flip, going["run"]: not flip},
+        "weight_decay": {finished["run"]: decay, going["run"]: decay + 0.1},
+    }
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = run_cli_here("compare", str(out), str(other))
+    assert r.returncode == 0, r.stderr
+    assert f"{100 * m['test_top1']:.2f}%" in r.stdout and "(running or stopped)" in r.stdout
+    assert "settings that differ:" in r.stdout and f"weight_decay: {finished['run']}: " in r.stdout
+
+
+def test_compare_refuses_what_is_not_a_run_in_one_line(trained, tmp_path):
+    import shutil
+
+    out, _ = trained
+    r = run_cli_here("compare", str(out), str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{tmp_path}: not a cvtlab run folder" in r.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken, ignore=shutil.ignore_patterns("checkpoints", "report", "logs"))
+    (broken / "metrics.csv").write_text("epoch,step\nfirst,10\n")
+    r = run_cli_here("compare", str(out), str(broken))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{broken / 'metrics.csv'}: not a metrics.csv cvtlab wrote" in r.stderr
+
+
 def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
     out, _ = trained
     ckpt = out / "checkpoints" / "best.ckpt"

@@ -72,6 +72,22 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     print(format_summary(summarize(model, img_size), args.format))
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare_runs, format_comparison
+
+    result = compare_runs(args.runs)
+    if args.plot:
+        from .report import compare_curves
+
+        compare_curves(result["runs"], args.plot)
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_comparison(result))
+        if args.plot:
+            print(f"plot: {args.plot}")
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts and sizes: a whole number of at least 1."""
     try:
@@ -127,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_data(sub)
     register_train(sub)
+
+    p = sub.add_parser(
+        "compare", help="run folders side by side: figures, differing settings, curves"
+    )
+    p.add_argument("runs", nargs="+", help="run folders (finished or still running)")
+    p.add_argument("--plot", help="write validation top-1 by time and by step to this PNG")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

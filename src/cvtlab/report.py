@@ -125,3 +125,27 @@ def confused_pairs_plot(pairs: list[dict], path: str | Path) -> Path:
     ax.set_xlabel("test images")
     ax.set_title("most confused class pairs (true → predicted)")
     return _save(fig, path)
+
+
+def compare_curves(runs: list[dict], path: str | Path) -> Path:
+    """Validation top-1 of several runs against training time and against steps, one line
+    per run (``runs`` as ``cvtlab.compare.compare_runs`` returns them), the test top-1 in the
+    legend."""
+    fig, (ax_time, ax_steps) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for run in runs:
+        rows = [r for r in run["history"] if r.get("val_top1") is not None]
+        top1 = [100 * r["val_top1"] for r in rows]
+        label = run["run"]
+        if run["test_top1"] is not None:
+            label += f" (test {100 * run['test_top1']:.1f}%)"
+        (line,) = ax_time.plot(
+            [r["elapsed_s"] / 60 for r in rows], top1, marker="o", ms=3, label=label
+        )
+        ax_steps.plot([r["step"] for r in rows], top1, marker="o", ms=3, color=line.get_color())
+    ax_time.set(xlabel="training time (min)", ylabel="validation top-1 (%)")
+    ax_steps.set(xlabel="step")
+    for ax in (ax_time, ax_steps):
+        ax.grid(alpha=0.3)
+    ax_time.legend(fontsize=8)
+    fig.suptitle("validation top-1 by time and by step", fontsize=10)
+    return _save(fig, path)
