@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     p.add_argument("--fit-epochs", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--json", help="also write the result to this file")
     p.add_argument(
         "--deadline",
         type=float,
@@ -140,6 +141,8 @@ def main(argv=None) -> dict:
     if "test_top1_other_checkpoint" in rows:
         other = rows["test_top1_other_checkpoint"]
         print(f"(for the record, not chosen: {other['checkpoint']} {other['top1']:.4f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     if not args.no_write:
         print(write_result(f"tta-{Path(args.config).stem}", result))
     return result

@@ -1,6 +1,7 @@
 """Smoke tests: the benchmarks run end to end on tiny sizes (their numbers are not checked;
 speed is measured in benchmarks/, never asserted in tests)."""
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,28 @@ def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
     assert result["metrics"]["test_checkpoint"].endswith("best.ckpt")
     other = result["metrics"]["test_top1_other_checkpoint"]
     assert other["checkpoint"] == "last.ckpt" and 0.0 <= other["top1"] <= 1.0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pairs runs on two cores")
+def test_tta_pair_trains_two_recipes_side_by_side_and_compares_them(shapes_small, tmp_path):
+    import tta_pair
+
+    from cvtlab.train.config import recipe_path
+
+    other = tmp_path / "demo_decay.yaml"
+    other.write_text(
+        recipe_path("demo").read_text().replace("weight_decay: 0.05", "weight_decay: 0.1")
+    )
+    out = tmp_path / "pair"
+    result = tta_pair.main(
+        ["demo", str(other), "--minutes", "0.1", "--data", str(shapes_small), "--out", str(out)]
+    )
+    a, b = result["runs"]
+    assert (a["run"], b["run"]) == ("a/run", "b/run")
+    assert a["finished"] and b["finished"] and a["steps"] > 0 and b["steps"] > 0
+    assert all(0.0 <= run["test_top1_flip"] <= 1.0 for run in (a, b))
+    assert result["differences"] == {"weight_decay": {"a/run": 0.05, "b/run": 0.1}}
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tta_deadline_shrinks_the_budget_to_leave_time_for_the_tests(shapes_small, monkeypatch):

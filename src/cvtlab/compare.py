@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import yaml
@@ -95,31 +96,38 @@ def setting_differences(configs: dict[str, dict | None]) -> dict[str, dict]:
     return differences
 
 
+def history_figures(rows: list[dict]) -> dict:
+    """What a run's epoch rows say: the best validation epoch and its figures, epochs, steps,
+    the median training speed and the seconds of training (``metrics.json`` holds these)."""
+    scored = [r for r in rows if r.get("val_top1") is not None]
+    best = max(scored, key=lambda r: r["val_top1"]) if scored else {}
+    speeds = [r["train_images_per_second"] for r in rows if r.get("train_images_per_second")]
+    return {
+        "val_top1": best.get("val_top1"),
+        "val_top5": best.get("val_top5"),
+        "best_epoch": best.get("epoch"),
+        "epochs": len(rows),
+        "steps": rows[-1]["step"] if rows else 0,
+        "train_images_per_second": float(statistics.median(speeds)) if speeds else None,
+        "train_seconds": rows[-1]["elapsed_s"] if rows else 0.0,
+    }
+
+
 def _summary(label: str, run: dict) -> dict:
     """The figures of one run: from ``metrics.json`` when it finished, else from its history."""
     m = run["metrics"] or {}
-    rows = run["history"]
-    scored = [r for r in rows if r.get("val_top1") is not None]
-    best = max(scored, key=lambda r: r["val_top1"]) if scored else {}
-    speeds = sorted(r["train_images_per_second"] for r in rows if r.get("train_images_per_second"))
-    seconds = m.get("train_seconds", rows[-1].get("elapsed_s") if rows else None)
+    figures = history_figures(run["history"])
+    figures.update({key: m[key] for key in figures if key in m})
     return {
         "run": label,
         "path": run["path"],
         "finished": run["metrics"] is not None,
         "test_top1": m.get("test_top1"),
         "test_top5": m.get("test_top5"),
-        "val_top1": m.get("val_top1", best.get("val_top1")),
-        "best_epoch": m.get("best_epoch", best.get("epoch")),
-        "epochs": m.get("epochs", len(rows)),
-        "steps": m.get("steps", rows[-1].get("step") if rows else 0),
-        "train_minutes": None if seconds is None else round(seconds / 60, 2),
-        "train_images_per_second": m.get(
-            "train_images_per_second", speeds[len(speeds) // 2] if speeds else None
-        ),
+        **figures,
         "precision": m.get("precision"),
         "machine": m.get("machine"),
-        "history": rows,
+        "history": run["history"],
     }
 
 
@@ -171,7 +179,7 @@ def format_comparison(result: dict) -> str:
                 best,
                 str(r["epochs"]),
                 str(r["steps"]),
-                "—" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}",
+                f"{r['train_seconds'] / 60:.1f}",
                 "—" if ips is None else f"{ips:.0f}",
                 r["precision"] or "—",
                 _machine(r["machine"]),

@@ -12,11 +12,11 @@ import zipfile
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from ..compare import history_figures
 from ..data.datamodule import ImageDataModule
 from ..data.download import resolve_data
 from ..errors import CvtLabError, check_creatable
@@ -342,22 +342,13 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
 
 
 def _summarise(cfg: TrainConfig, rows: list[dict], test: dict, test_ckpt: str, world: int) -> dict:
-    scored = [r for r in rows if r.get("val_top1") is not None]
-    best = max(scored, key=lambda r: r["val_top1"]) if scored else {}
-    ips = [r["train_images_per_second"] for r in rows if r.get("train_images_per_second")]
     return {
         "model": cfg.model,
-        "val_top1": best.get("val_top1"),
-        "val_top5": best.get("val_top5"),
-        "best_epoch": best.get("epoch"),
+        **history_figures(rows),
         "test_top1": float(test["test_top1"]),
         "test_top5": float(test["test_top5"]),
         "test_loss": float(test["test_loss"]),
         "test_checkpoint": test_ckpt,
-        "epochs": len(rows),
-        "steps": rows[-1]["step"] if rows else 0,
-        "train_images_per_second": float(np.median(ips)) if ips else None,
-        "train_seconds": rows[-1]["elapsed_s"] if rows else 0.0,
         "processes": world,
     }
 
