@@ -44,10 +44,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--cores", default="0,1", help="the two cores, e.g. 0,1")
     args = p.parse_args(argv)
-    cores = [int(c) for c in args.cores.split(",")]
+    if not hasattr(os, "sched_setaffinity"):
+        p.error("pinning a run to a core needs Linux (os.sched_setaffinity)")
     available = os.sched_getaffinity(0)
+    cores = [int(c) for c in args.cores.split(",") if c.strip().isdigit()]
     if len(cores) != 2 or cores[0] == cores[1] or not set(cores) <= available:
-        p.error(f"--cores {args.cores}: two different cores of {sorted(available)}")
+        p.error(f"--cores {args.cores}: name two different cores of {sorted(available)}")
     out = Path(args.out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []

@@ -95,7 +95,10 @@ def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
     assert other["checkpoint"] == "last.ckpt" and 0.0 <= other["top1"] <= 1.0
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pairs runs on two cores")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="pins two runs to two cores (Linux)",
+)
 def test_tta_pair_trains_two_recipes_side_by_side_and_compares_them(shapes_small, tmp_path):
     import tta_pair
 
