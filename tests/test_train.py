@@ -1,5 +1,6 @@
 """The workflow end to end: train → eval → predict → export, kill and resume, DDP, bad input."""
 
+import csv
 import json
 import signal
 import subprocess
@@ -86,6 +87,10 @@ def test_run_folder_layout_and_metrics(trained):
     for key in ("val_top1", "val_top5", "test_top1", "test_top5"):
         assert 0.0 <= m[key] <= 1.0
     assert m["epochs"] == 3 and m["steps"] == 30 and m["train_images_per_second"] > 0
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["train_images"]) for row in rows] == [500, 500, 500]  # 10 batches of 50
+    assert m["train_images"] == 1500
     # What the figures were measured on, for anyone comparing or publishing them.
     assert (
         m["machine"]["torch"] == torch.__version__ and m["machine"]["cvtlab"] == cvtlab.__version__
@@ -452,6 +457,26 @@ def test_compare_refuses_what_is_not_a_run_in_one_line(trained, tmp_path):
     r = run_cli_here("compare", str(out), str(broken))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"{broken / 'metrics.csv'}: not a metrics.csv cvtlab wrote" in r.stderr
+
+
+def test_a_runs_speed_is_its_images_over_its_training_time():
+    """With progressive resizing the epochs run at very different speeds: the run's figure is
+    all its images over all the seconds they took, not the median epoch (which no stretch of
+    the run ran at). Runs logged before epochs recorded their images keep the median."""
+    from cvtlab.compare import history_figures
+
+    rows = [
+        {"epoch": e, "step": 100 * (e + 1), "val_top1": 0.1 * e, "elapsed_s": 0.0,
+         "train_images_per_second": ips, "train_images": 100_000}
+        for e, ips in enumerate([400.0, 400.0, 100.0, 100.0])
+    ]  # fmt: skip
+    figures = history_figures(rows)
+    # 400,000 images in 250 + 250 + 1,000 + 1,000 seconds.
+    assert figures["train_images"] == 400_000
+    assert figures["train_images_per_second"] == pytest.approx(160.0)
+    old = [{k: v for k, v in r.items() if k != "train_images"} for r in rows]
+    assert history_figures(old)["train_images_per_second"] == pytest.approx(250.0)
+    assert history_figures(old)["train_images"] is None
 
 
 def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):

@@ -98,17 +98,28 @@ def setting_differences(configs: dict[str, dict | None]) -> dict[str, dict]:
 
 def history_figures(rows: list[dict]) -> dict:
     """What a run's epoch rows say: the best validation epoch and its figures, epochs, steps,
-    the median training speed and the seconds of training (``metrics.json`` holds these)."""
+    the images trained, the training speed over the whole run and the seconds of training
+    (``metrics.json`` holds these)."""
     scored = [r for r in rows if r.get("val_top1") is not None]
     best = max(scored, key=lambda r: r["val_top1"]) if scored else {}
-    speeds = [r["train_images_per_second"] for r in rows if r.get("train_images_per_second")]
+    timed = [r for r in rows if r.get("train_images_per_second")]
+    images = [r.get("train_images") for r in timed]
+    if timed and all(isinstance(n, int) for n in images):
+        # All the images over all the seconds spent training them: epochs at other sizes or
+        # batches (progressive resizing) count for the time they took, as a median would not.
+        seconds = sum(n / r["train_images_per_second"] for n, r in zip(images, timed))
+        speed, total = sum(images) / seconds, sum(images)
+    else:  # a run logged before its epochs recorded their images
+        speeds = [r["train_images_per_second"] for r in timed]
+        speed, total = (float(statistics.median(speeds)) if speeds else None), None
     return {
         "val_top1": best.get("val_top1"),
         "val_top5": best.get("val_top5"),
         "best_epoch": best.get("epoch"),
         "epochs": len(rows),
         "steps": rows[-1]["step"] if rows else 0,
-        "train_images_per_second": float(statistics.median(speeds)) if speeds else None,
+        "train_images": total,
+        "train_images_per_second": speed,
         "train_seconds": rows[-1]["elapsed_s"] if rows else 0.0,
     }
 

@@ -31,6 +31,7 @@ EPOCH_KEYS = [
     "val_top5",
     "val_top1_raw",
     "train_images_per_second",
+    "train_images",
     "elapsed_s",
 ]
 
@@ -231,7 +232,7 @@ class EpochHistory(Checkpoint):
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         for key in EPOCH_KEYS[3:-1]:
             if key in m:
-                row[key] = float(m[key])
+                row[key] = int(m[key]) if key == "train_images" else float(m[key])
         row["elapsed_s"] = round(self._start_elapsed + time.perf_counter() - self._t0, 2)
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
         if trainer.is_global_zero:

@@ -306,6 +306,9 @@ class CvTClassifier(L.LightningModule):
         world = self.trainer.world_size if self.trainer else 1
         ips = self._seen * world / elapsed if elapsed > 0 else 0.0
         self.log("train_images_per_second", ips, sync_dist=False, rank_zero_only=True)
+        # With the speed, the images it was measured over: a run's overall speed is then their
+        # sum over the summed time, whatever sizes and batches its epochs trained at.
+        self.log("train_images", float(self._seen * world), sync_dist=False, rank_zero_only=True)
         self.log("train_loss_epoch", self.train_loss.compute(), sync_dist=True)
         self.log("train_top1", self.train_top1.compute())
         self.train_loss.reset()
