@@ -10,8 +10,10 @@ figures. `benchmarks/RESULTS.md`, attempts Z73-Z76.
 
     python benchmarks/tta_pair.py A.yaml B.yaml --minutes 30 --out /tmp/pair
 
-Writes ``<out>/a`` and ``<out>/b`` (run folders under ``run/``, logs, result JSON) and
-``<out>/compare.png``; prints ``cvtlab compare``'s table with each run's flip-averaged top-1.
+Writes one folder per recipe under ``<out>``, named after the recipe's file (``a-``/``b-`` in
+front where both names are the same), each with its run folder under ``run/``, log and result
+JSON, and ``<out>/compare.png``; prints ``cvtlab compare``'s table with each run's flip-averaged
+top-1.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def main(argv=None) -> dict:
     if len(cores) != 2 or cores[0] == cores[1] or not set(cores) <= available:
         p.error(f"--cores {args.cores}: name two different cores of {sorted(available)}")
     out = Path(args.out)
+    stems = [Path(recipe).stem for recipe in args.recipes]
+    sides = stems if stems[0] != stems[1] else [f"{ab}-{stem}" for ab, stem in zip("ab", stems)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []
-    for side, recipe, core in zip("ab", args.recipes, cores):
+    for side, recipe, core in zip(sides, args.recipes, cores):
         (out / side).mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(TTA), "--config", recipe, "--data", args.data]
         cmd += ["--minutes", str(args.minutes), "--out", str(out / side), "--no-write"]
@@ -65,13 +69,13 @@ def main(argv=None) -> dict:
                 )
             )
     codes = [proc.wait() for proc in procs]
-    for side, code in zip("ab", codes):
+    for side, code in zip(sides, codes):
         if code:
             sys.exit(f"tta_pair: run {side} failed (exit {code}); see {out / side / 'log.txt'}")
-    result = compare_runs([out / "a" / "run", out / "b" / "run"])
+    result = compare_runs([out / side / "run" for side in sides])
     compare_curves(result["runs"], out / "compare.png")
     print(format_comparison(result))
-    for side, recipe, run in zip("ab", args.recipes, result["runs"]):
+    for side, recipe, run in zip(sides, args.recipes, result["runs"]):
         flip = json.loads((out / side / "result.json").read_text())["metrics"]["test_top1_flip"]
         run["recipe"], run["test_top1_flip"] = recipe, flip
         print(f"{run['run']} ({recipe}): flip-averaged test top-1 {100 * flip:.2f}%")

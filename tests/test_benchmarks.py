@@ -113,10 +113,10 @@ def test_tta_pair_trains_two_recipes_side_by_side_and_compares_them(shapes_small
         ["demo", str(other), "--minutes", "0.1", "--data", str(shapes_small), "--out", str(out)]
     )
     a, b = result["runs"]
-    assert (a["run"], b["run"]) == ("a/run", "b/run")
+    assert (a["run"], b["run"]) == ("demo/run", "demo_decay/run")  # named after the recipes
     assert a["finished"] and b["finished"] and a["steps"] > 0 and b["steps"] > 0
     assert all(0.0 <= run["test_top1_flip"] <= 1.0 for run in (a, b))
-    assert result["differences"] == {"weight_decay": {"a/run": 0.05, "b/run": 0.1}}
+    assert result["differences"] == {"weight_decay": {"demo/run": 0.05, "demo_decay/run": 0.1}}
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 

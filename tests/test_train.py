@@ -581,6 +581,7 @@ def test_ctrl_c_then_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
     a = json.loads((full / "metrics.json").read_text())
     b = json.loads((cut / "metrics.json").read_text())
     assert b["steps"] == a["steps"] == 30
+    assert b["train_images"] == a["train_images"] == 30 * 50  # every image counted once
     assert abs(a["test_top1"] - b["test_top1"]) <= 0.005
     assert len((cut / "metrics.csv").read_text().strip().splitlines()) == 4
     # The step-by-step log went on across both interruptions: the same entries as the

@@ -306,9 +306,11 @@ class CvTClassifier(L.LightningModule):
         world = self.trainer.world_size if self.trainer else 1
         ips = self._seen * world / elapsed if elapsed > 0 else 0.0
         self.log("train_images_per_second", ips, sync_dist=False, rank_zero_only=True)
-        # With the speed, the images it was measured over: a run's overall speed is then their
-        # sum over the summed time, whatever sizes and batches its epochs trained at.
-        self.log("train_images", float(self._seen * world), sync_dist=False, rank_zero_only=True)
+        # The epoch's images beside its speed: a run's overall speed is then all its images over
+        # the time they took, whatever sizes and batches its epochs trained at. (The count comes
+        # from the checkpoint in an epoch resumed mid-way; the speed is measured since the resume.)
+        images = float(self.epoch_images * world)
+        self.log("train_images", images, sync_dist=False, rank_zero_only=True)
         self.log("train_loss_epoch", self.train_loss.compute(), sync_dist=True)
         self.log("train_top1", self.train_top1.compute())
         self.train_loss.reset()
