@@ -917,7 +917,9 @@ def test_wandb_logs_offline_and_a_resumed_run_continues_its_wandb_run(shapes_sma
     """The seed notebook's logger needs no account offline, and ``--resume`` goes on with the
     same W&B run rather than starting a second one."""
     out = tmp_path / "wb"
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # wandb leaves two empty folders in the system's temporary directory per run: keep them here
+    (tmp_path / "tmp").mkdir()
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TMPDIR": str(tmp_path / "tmp")}
     r = run_cli(
         "train", "--config", recipe(tmp_path, limit_train_batches=2), "--data",
         str(shapes_small), "--epochs", "1", "--out", str(out), *FAST[:-2], "--logger", "wandb",
