@@ -167,7 +167,8 @@ def test_killed_build_leaves_nothing_a_later_run_trusts(tmp_path):
         tmp_path / "ds", train_per_class=150, val_per_class=5, test_images=1
     )
     cache = tmp_path / "cache"
-    env = {**os.environ, "CVTLAB_CACHE": str(cache)}
+    # TMPDIR: timm imports wandb, whose two temporary folders a killed process leaves behind
+    env = {**os.environ, "CVTLAB_CACHE": str(cache), "TMPDIR": str(tmp_path)}
     code = (
         "import sys, cvtlab.data.cache as c, cvtlab.data.decode as d\n"
         "real = c.decode_image\n"

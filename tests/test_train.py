@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -544,9 +545,12 @@ def test_ctrl_c_then_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
     cut = tmp_path / "cut"
     last = cut / "checkpoints" / "last.ckpt"
 
+    # timm imports wandb, whose two temporary folders a killed process leaves behind: not in /tmp
+    killed_env = {**os.environ, "TMPDIR": str(tmp_path)}
+
     def start_and_wait_for_step(args: list[str], least: int, log) -> tuple[subprocess.Popen, int]:
         cmd = [sys.executable, "-m", "cvtlab.cli", "train", *args, "--out", str(cut)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=killed_env)
         deadline, step = time.time() + 300, -1
         while time.time() < deadline and proc.poll() is None:
             step = _step_of(last) if last.exists() else -1
@@ -600,8 +604,6 @@ def test_sigterm_to_a_whole_job_with_loader_workers_saves_and_stops(shapes_small
     """A batch scheduler's SIGTERM (and a terminal's Ctrl-C) reaches every process of the job,
     the data loader's workers too: the run still finishes its step, saves it and stops in one
     line, rather than failing on a worker the signal killed."""
-    import os
-
     out = tmp_path / "run"
     last = out / "checkpoints" / "last.ckpt"
     config = recipe(tmp_path, ckpt_every_n_steps=3, num_workers=2)
@@ -917,9 +919,7 @@ def test_wandb_logs_offline_and_a_resumed_run_continues_its_wandb_run(shapes_sma
     """The seed notebook's logger needs no account offline, and ``--resume`` goes on with the
     same W&B run rather than starting a second one."""
     out = tmp_path / "wb"
-    # wandb leaves two empty folders in the system's temporary directory per run: keep them here
-    (tmp_path / "tmp").mkdir()
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TMPDIR": str(tmp_path / "tmp")}
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     r = run_cli(
         "train", "--config", recipe(tmp_path, limit_train_batches=2), "--data",
         str(shapes_small), "--epochs", "1", "--out", str(out), *FAST[:-2], "--logger", "wandb",
