@@ -1,5 +1,6 @@
 """Optimiser step time: AdamW per-op (foreach) against fused on a registered model's
-parameters, and Muon's step weight by weight against same-shaped weights batched.
+parameters, and Muon's step weight by weight against same-shaped weights batched, and (in
+fp32) with long weights iterated on their Gram matrix against the plain iterations.
 
     python benchmarks/optimizer.py                       # cvt_xs_64 and cvt_13_64; Muon on the
                                                          # cpu_30min recipe's model
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, timed, write_result  # noqa: E402
 
 from cvtlab.models.registry import create_model  # noqa: E402
+from cvtlab.train import muon  # noqa: E402
 from cvtlab.train.config import make_config  # noqa: E402
 from cvtlab.train.module import param_groups  # noqa: E402
 from cvtlab.train.muon import MuonAdamW, orthogonalize  # noqa: E402
@@ -77,6 +79,16 @@ def muon_step_per_weight(opt: MuonAdamW) -> None:
             p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(matrix.shape)))
 
 
+def muon_step_without_gram_form(opt: MuonAdamW) -> None:
+    """The batched step with every weight on the plain iterations: the baseline of the Gram
+    form, which ``orthogonalize`` otherwise takes for long fp32 matrices."""
+    saved, muon.GRAM_FORM_MIN_ASPECT = muon.GRAM_FORM_MIN_ASPECT, math.inf
+    try:
+        opt.step()
+    finally:
+        muon.GRAM_FORM_MIN_ASPECT = saved
+
+
 def time_muon(recipe: str, steps: int, repeats: int, device: str) -> dict:
     """Muon's group of the recipe's model: weight by weight against batched by shape, with the
     products in fp32 and in bf16 (bf16 left out, with a note, on a CPU that emulates it)."""
@@ -104,6 +116,8 @@ def time_muon(recipe: str, steps: int, repeats: int, device: str) -> dict:
     for label, dtype in dtypes.items():
         opt = MuonAdamW([group], lr=1e-4, ns_dtype=dtype)
         runs = {"per_weight": lambda opt=opt: muon_step_per_weight(opt), "batched": opt.step}
+        if dtype == torch.float32:  # the Gram form is for fp32 only
+            runs["no_gram_form"] = lambda opt=opt: muon_step_without_gram_form(opt)
         opt.step()  # creates the momentum buffers
         for _ in range(2):  # warm-up
             for run in runs.values():
@@ -123,6 +137,9 @@ def time_muon(recipe: str, steps: int, repeats: int, device: str) -> dict:
             "batched_ms": ms["batched"],
             "speedup": ms["per_weight"] / ms["batched"],
         }
+        if "no_gram_form" in ms:
+            out[label]["no_gram_form_ms"] = ms["no_gram_form"]
+            out[label]["gram_form_speedup"] = ms["no_gram_form"] / ms["batched"]
     return out
 
 
@@ -159,6 +176,11 @@ def main(argv=None) -> dict:
                 f"  per weight {r['per_weight_ms']:7.2f} ms  batched {r['batched_ms']:7.2f} ms"
                 f"  {r['speedup']:.2f}x"
             )
+            if "no_gram_form_ms" in r:
+                print(
+                    f"Muon ({args.muon_recipe}, {label}) batched without the Gram form"
+                    f" {r['no_gram_form_ms']:7.2f} ms: the Gram form {r['gram_form_speedup']:.2f}x"
+                )
     if not args.no_write:
         print(write_result("optimizer", payload))
     return payload

@@ -156,7 +156,7 @@ def test_pipeline_benchmark_runs():
     assert not any(k.startswith("pipeline_workers") for k in row)
 
 
-def test_optimizer_benchmark_times_both_adamw_kernels_and_both_muon_steps():
+def test_optimizer_benchmark_times_both_adamw_kernels_and_the_muon_steps():
     import optimizer
 
     payload = optimizer.main(
@@ -181,3 +181,6 @@ def test_optimizer_benchmark_times_both_adamw_kernels_and_both_muon_steps():
         measured.append("bf16")
     for dtype in measured:
         assert muon[dtype]["per_weight_ms"] > 0 and muon[dtype]["batched_ms"] > 0
+    # The Gram form's baseline is timed in fp32, the only dtype that takes the Gram form.
+    assert muon["fp32"]["no_gram_form_ms"] > 0 and muon["fp32"]["gram_form_speedup"] > 0
+    assert all("no_gram_form_ms" not in muon[d] for d in measured if d != "fp32")

@@ -8,7 +8,7 @@ from torch import nn
 
 from cvtlab import create_model
 from cvtlab.train.module import param_groups
-from cvtlab.train.muon import MuonAdamW, orthogonalize
+from cvtlab.train.muon import MuonAdamW, _iterate, _iterate_on_gram, orthogonalize
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -29,6 +29,24 @@ def test_orthogonalize_keeps_the_singular_vectors_and_evens_the_singular_values(
     within = torch.diagonal(u.T @ o @ v)
     rtol = 1e-3 if dtype == torch.float32 else 2e-2  # bf16 keeps 8 bits of each product
     assert (within > 0).all() and torch.allclose(within.norm(), o.norm(), rtol=rtol)
+
+
+def test_the_gram_form_gives_the_iterations_result():
+    """Long fp32 matrices are iterated on their Gram matrix, for fewer products; the result must
+    be the Newton-Schulz iteration's, not an approximation of it."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(2, 48, 48, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(2, 160, 48, dtype=torch.float64))
+    s = torch.logspace(0, -4, 48, dtype=torch.float64)
+    x = u @ torch.diag(s) @ v.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for steps in (0, 1, 5):
+        torch.testing.assert_close(_iterate_on_gram(x, steps), _iterate(x, steps))
+    # In fp32, through orthogonalize, tall or wide: within rounding of the fp64 iteration.
+    reference = _iterate(x, 5)
+    for update, expected in ((x, reference), (x.mT, reference.mT)):
+        o = orthogonalize(update.float()).double()
+        assert ((o - expected).norm() / expected.norm()) < 1e-3
 
 
 def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():
