@@ -11,9 +11,9 @@ torch ships ``torch.optim.Muon``, but it always orthogonalises in bf16, and some
 matrices at about half their fp32 rate (RESULTS, throughput attempt 21): there the iterations took
 96 against 61 ms a step for the 30-minute recipe's model. Here they run in the dtype whose products
 are faster: bf16 on GPUs and on CPUs that train in bf16 (on AMD Zen 4 40 against 64 ms), fp32 on the
-others. In fp32 a matrix much longer than it is wide runs its iterations on its Gram matrix, which
-needs fewer products. One optimiser rather than two, because Lightning's automatic optimisation steps one, and one
-learning-rate schedule then scales every group.
+others. In fp32 a matrix much longer than it is wide runs its iterations on its Gram matrix,
+which needs fewer products. One optimiser rather than two, because Lightning's automatic
+optimisation steps one, and one learning-rate schedule then scales every group.
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ def _iterate(x: Tensor, steps: int) -> Tensor:
 def _iterate_on_gram(x: Tensor, steps: int) -> Tensor:
     """The same iterations, run on the m x m Gram matrix of a wide m x n stack, then applied
     with one product: each step's polynomial P = aI + bG + cG^2 is a polynomial of the first
-    Gram matrix, so they all commute and the next Gram matrix is P G P = P(PG). That costs
-    4m^2·n + 34m^3 against 20m^2·n + 10m^3 for five steps: a quarter to a half less for the
-    256 x 768 and 256 x 1,152 weights of the 30-minute recipe (RESULTS, thirty-third session).
+    Gram matrix, so they all commute and the next Gram matrix is P G P = P(PG). Five steps
+    cost 4m^2·n + 34m^3 floating-point operations against 20m^2·n + 10m^3: a quarter to a half
+    less for the 256 x 768 and 256 x 1,152 weights of the 30-minute recipe (RESULTS, thirty-third
+    session).
     Only in fp32 or fp64: in bf16 the Gram matrices' rounding compounds and badly conditioned
     updates come out with singular values far above one."""
     a, b, c = NS_COEFFICIENTS
