@@ -24,10 +24,22 @@ def machine() -> dict:
 
 
 def machine_tag() -> str:
+    """The result file's machine: the GPU's name, or the core count with the CPU's vendor, family
+    and model number (``cpu-2core-amd-f25m1``), so that CPUs of one name but different speeds
+    (AMD Zen 3 and Zen 4 are both "AMD EPYC") do not overwrite each other's figures."""
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0).lower()
-        return "gpu-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
-    return f"cpu-{os.cpu_count()}core"
+        return "gpu-" + _slug(torch.cuda.get_device_name(0))
+    info = describe_machine()
+    tag = f"cpu-{os.cpu_count()}core"
+    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info.get("cpu_vendor", ""))
+    if "cpu_family" in info and "cpu_model" in info:
+        vendor = vendor or _slug(info.get("cpu_vendor", "cpu"))
+        tag += f"-{vendor}-f{info['cpu_family']}m{info['cpu_model']}"
+    return tag
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def timed(fn, sync=None) -> float:
