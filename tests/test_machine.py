@@ -4,6 +4,7 @@ import os
 import sys
 from pathlib import Path
 
+from cvtlab.compare import _machine
 from cvtlab.machine import _cpuinfo, describe_machine
 
 ZEN4 = """processor\t: 0
@@ -47,3 +48,12 @@ def test_benchmark_result_files_are_named_per_cpu_type():
     assert tag.startswith(f"cpu-{os.cpu_count()}core")
     if "cpu_family" in info:  # Linux on x86: the family and model number are in the name
         assert tag.endswith(f"-f{info['cpu_family']}m{info['cpu_model']}")
+
+
+def test_compare_tells_runs_on_cpus_of_one_name_apart():
+    zen3 = {"cpu": "AMD EPYC", "cores": 2, "cpu_family": 25, "cpu_model": 1}
+    zen4 = {**zen3, "cpu_model": 17}
+    assert _machine(zen3) == "AMD EPYC (family 25 model 1), 2 cores"
+    assert _machine(zen3) != _machine(zen4)
+    # Runs recorded before the family and model were: the name and cores alone.
+    assert _machine({"cpu": "AMD EPYC", "cores": 2}) == "AMD EPYC, 2 cores"

@@ -165,7 +165,11 @@ def _percent(value: float | None) -> str:
 def _machine(machine: dict | None) -> str:
     if not machine:
         return "—"
-    text = f"{machine.get('cpu') or '?'}, {machine.get('cores') or '?'} cores"
+    text = machine.get("cpu") or "?"
+    if "cpu_family" in machine and "cpu_model" in machine:
+        # One CPU name can cover generations of different speed (AMD Zen 3 and 4: "AMD EPYC").
+        text += f" (family {machine['cpu_family']} model {machine['cpu_model']})"
+    text += f", {machine.get('cores') or '?'} cores"
     if machine.get("gpu"):
         count = machine.get("gpus") or 1
         text += f" + {machine['gpu']}" + (f" x{count}" if count > 1 else "")
