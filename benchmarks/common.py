@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -23,17 +22,18 @@ def machine() -> dict:
     return {**describe_machine(), "torch_threads": torch.get_num_threads()}
 
 
-def machine_tag() -> str:
+def machine_tag(info: dict | None = None) -> str:
     """The result file's machine: the GPU's name, or the core count with the CPU's vendor, family
     and model number (``cpu-2core-amd-f25m1``), so that CPUs of one name but different speeds
-    (AMD Zen 3 and Zen 4 are both "AMD EPYC") do not overwrite each other's figures."""
-    if torch.cuda.is_available():
-        return "gpu-" + _slug(torch.cuda.get_device_name(0))
-    info = describe_machine()
-    tag = f"cpu-{os.cpu_count()}core"
-    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info.get("cpu_vendor", ""))
+    (AMD Zen 3 and Zen 4 are both "AMD EPYC") do not overwrite each other's figures. ``info`` is
+    the machine's description, made here when not given."""
+    info = info or describe_machine()
+    if info.get("gpu"):
+        return "gpu-" + _slug(info["gpu"])
+    tag = f"cpu-{info['cores']}core"
     if "cpu_family" in info and "cpu_model" in info:
-        vendor = vendor or _slug(info.get("cpu_vendor", "cpu"))
+        vendor = info.get("cpu_vendor", "cpu")
+        vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(vendor) or _slug(vendor)
         tag += f"-{vendor}-f{info['cpu_family']}m{info['cpu_model']}"
     return tag
 
@@ -81,6 +81,7 @@ def make_train_step(
 
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{machine_tag()}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    info = machine()  # described once, for the file's name and its contents
+    path = RESULTS / f"{name}-{machine_tag(info)}.json"
+    path.write_text(json.dumps({"machine": info, **payload}, indent=2))
     return path

@@ -72,9 +72,8 @@ def _iterate_on_gram(x: Tensor, steps: int) -> Tensor:
     Gram matrix, so they all commute and the next Gram matrix is P G P = P(PG). Five steps
     cost 4m^2·n + 34m^3 floating-point operations against 20m^2·n + 10m^3: a quarter to a half
     less for the 256 x 768 and 256 x 1,152 weights of the 30-minute recipe (RESULTS, thirty-third
-    session).
-    Only in fp32 or fp64: in bf16 the Gram matrices' rounding compounds and badly conditioned
-    updates come out with singular values far above one."""
+    session). Only in fp32 or fp64: in bf16 the Gram matrices' rounding compounds and badly
+    conditioned updates come out with singular values far above one."""
     a, b, c = NS_COEFFICIENTS
     gram = x @ x.mT
     eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
