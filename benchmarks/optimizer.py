@@ -1,6 +1,7 @@
 """Optimiser step time: AdamW per-op (foreach) against fused on a registered model's
 parameters, and Muon's step weight by weight against same-shaped weights batched, and (in
-fp32) with long weights iterated on their Gram matrix against the plain iterations.
+fp32) with its faster forms for long and large weights (the Gram matrix, the singular values)
+against the step without them.
 
     python benchmarks/optimizer.py                       # cvt_xs_64 and cvt_13_64; Muon on the
                                                          # cpu_30min recipe's model
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,14 +81,19 @@ def muon_step_per_weight(opt: MuonAdamW) -> None:
             p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(matrix.shape)))
 
 
-def muon_step_without_gram_form(opt: MuonAdamW) -> None:
-    """The batched step with every weight on the plain iterations: the baseline of the Gram
-    form, which ``orthogonalize`` otherwise takes for long fp32 matrices."""
-    saved, muon.GRAM_FORM_MIN_ASPECT = muon.GRAM_FORM_MIN_ASPECT, math.inf
+def muon_step_without(opt: MuonAdamW, *thresholds: str) -> None:
+    """The batched step with the forms that ``orthogonalize`` takes past ``thresholds`` (names
+    of its module constants) turned off: without ``SPECTRAL_FORM_MIN_ROWS`` large fp32 matrices
+    go through their Gram matrix, without ``GRAM_FORM_MIN_ASPECT`` too through the plain
+    iterations."""
+    saved = {name: getattr(muon, name) for name in thresholds}
     try:
+        for name in thresholds:
+            setattr(muon, name, math.inf)
         opt.step()
     finally:
-        muon.GRAM_FORM_MIN_ASPECT = saved
+        for name, value in saved.items():
+            setattr(muon, name, value)
 
 
 def time_muon(recipe: str, steps: int, repeats: int, device: str) -> dict:
@@ -116,8 +123,10 @@ def time_muon(recipe: str, steps: int, repeats: int, device: str) -> dict:
     for label, dtype in dtypes.items():
         opt = MuonAdamW([group], lr=1e-4, ns_dtype=dtype)
         runs = {"per_weight": lambda opt=opt: muon_step_per_weight(opt), "batched": opt.step}
-        if dtype == torch.float32:  # the Gram form is for fp32 only
-            runs["no_gram_form"] = lambda opt=opt: muon_step_without_gram_form(opt)
+        if dtype == torch.float32:  # the Gram and spectral forms are for fp32 only
+            spectral, gram = "SPECTRAL_FORM_MIN_ROWS", "GRAM_FORM_MIN_ASPECT"
+            runs["no_spectral_form"] = partial(muon_step_without, opt, spectral)
+            runs["no_gram_form"] = partial(muon_step_without, opt, spectral, gram)
         opt.step()  # creates the momentum buffers
         for _ in range(2):  # warm-up
             for run in runs.values():
@@ -137,9 +146,10 @@ def time_muon(recipe: str, steps: int, repeats: int, device: str) -> dict:
             "batched_ms": ms["batched"],
             "speedup": ms["per_weight"] / ms["batched"],
         }
-        if "no_gram_form" in ms:
-            out[label]["no_gram_form_ms"] = ms["no_gram_form"]
-            out[label]["gram_form_speedup"] = ms["no_gram_form"] / ms["batched"]
+        for form in ("spectral", "gram"):  # the shipped step against the step without it
+            if f"no_{form}_form" in ms:
+                out[label][f"no_{form}_form_ms"] = ms[f"no_{form}_form"]
+                out[label][f"{form}_form_speedup"] = ms[f"no_{form}_form"] / ms["batched"]
     return out
 
 
@@ -176,11 +186,12 @@ def main(argv=None) -> dict:
                 f"  per weight {r['per_weight_ms']:7.2f} ms  batched {r['batched_ms']:7.2f} ms"
                 f"  {r['speedup']:.2f}x"
             )
-            if "no_gram_form_ms" in r:
-                print(
-                    f"Muon ({args.muon_recipe}, {label}) batched without the Gram form"
-                    f" {r['no_gram_form_ms']:7.2f} ms: the Gram form {r['gram_form_speedup']:.2f}x"
-                )
+            for form, without in (("spectral", "the spectral form"), ("gram", "either form")):
+                if f"no_{form}_form_ms" in r:
+                    print(
+                        f"Muon ({args.muon_recipe}, {label}) batched without {without}"
+                        f" {r[f'no_{form}_form_ms']:7.2f} ms: {r[f'{form}_form_speedup']:.2f}x"
+                    )
     if not args.no_write:
         print(write_result("optimizer", payload))
     return payload

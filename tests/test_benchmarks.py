@@ -181,6 +181,8 @@ def test_optimizer_benchmark_times_both_adamw_kernels_and_the_muon_steps():
         measured.append("bf16")
     for dtype in measured:
         assert muon[dtype]["per_weight_ms"] > 0 and muon[dtype]["batched_ms"] > 0
-    # The Gram form's baseline is timed in fp32, the only dtype that takes the Gram form.
-    assert muon["fp32"]["no_gram_form_ms"] > 0 and muon["fp32"]["gram_form_speedup"] > 0
-    assert all("no_gram_form_ms" not in muon[d] for d in measured if d != "fp32")
+    # The Gram and spectral forms' baselines are timed in fp32, the only dtype that takes them.
+    for form in ("gram", "spectral"):
+        fp32 = muon["fp32"]
+        assert fp32[f"no_{form}_form_ms"] > 0 and fp32[f"{form}_form_speedup"] > 0
+        assert all(f"no_{form}_form_ms" not in muon[d] for d in measured if d != "fp32")

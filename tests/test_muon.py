@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 from cvtlab import create_model
+from cvtlab.train import muon
 from cvtlab.train.module import param_groups
-from cvtlab.train.muon import MuonAdamW, _iterate, _iterate_on_gram, orthogonalize
+from cvtlab.train.muon import (
+    MuonAdamW,
+    _iterate,
+    _iterate_on_gram,
+    _iterate_on_spectrum,
+    orthogonalize,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -47,6 +54,38 @@ def test_the_gram_form_gives_the_iterations_result():
     for update, expected in ((x, reference), (x.mT, reference.mT)):
         o = orthogonalize(update.float()).double()
         assert ((o - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_the_spectral_form_gives_the_iterations_result(monkeypatch):
+    """Large fp32 matrices on a CPU take the iterations' map on their singular values, through
+    an eigendecomposition; again the result must be the iteration's."""
+    torch.manual_seed(0)
+    rows, cols = muon.SPECTRAL_FORM_MIN_ROWS, muon.SPECTRAL_FORM_MIN_COLS
+    u, _ = torch.linalg.qr(torch.randn(2, rows, rows, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(2, cols, rows, dtype=torch.float64))
+    s = torch.logspace(0, -4, rows, dtype=torch.float64)
+    x = u @ torch.diag(s) @ v.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for steps in (0, 1, 5):
+        torch.testing.assert_close(_iterate_on_spectrum(x, steps), _iterate(x, steps))
+    taken = []
+    monkeypatch.setattr(
+        muon, "_iterate_on_spectrum", lambda x, steps: taken.append(x.shape) or _iterate(x, steps)
+    )
+    # In fp32, through orthogonalize, tall or wide: within rounding of the fp64 iteration.
+    reference = _iterate(x, 5)
+    for update, expected in ((x, reference), (x.mT, reference.mT)):
+        o = orthogonalize(update.float()).double()
+        assert ((o - expected).norm() / expected.norm()) < 1e-3
+    assert taken == [(2, rows, cols)] * 2
+    orthogonalize(torch.randn(rows - 1, cols))  # smaller: the products cost less there
+    orthogonalize(x, dtype=torch.bfloat16)  # bf16 products: the iterations
+    assert len(taken) == 2
+    monkeypatch.undo()
+    # A non-finite update stays in its own matrix, as it does in the iterations.
+    stack = torch.randn(2, rows, cols)
+    stack[0, 1, 2] = float("nan")
+    assert orthogonalize(stack)[1].isfinite().all()
 
 
 def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():
