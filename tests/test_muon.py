@@ -57,8 +57,8 @@ def test_the_gram_form_gives_the_iterations_result():
 
 
 def test_the_spectral_form_gives_the_iterations_result(monkeypatch):
-    """Large fp32 matrices on a CPU take the iterations' map on their singular values, through
-    an eigendecomposition; again the result must be the iteration's."""
+    """Large fp32 matrices on one CPU thread take the iterations' map on their singular values,
+    through an eigendecomposition; again the result must be the iteration's."""
     torch.manual_seed(0)
     rows, cols = muon.SPECTRAL_FORM_MIN_ROWS, muon.SPECTRAL_FORM_MIN_COLS
     u, _ = torch.linalg.qr(torch.randn(2, rows, rows, dtype=torch.float64))
@@ -68,24 +68,30 @@ def test_the_spectral_form_gives_the_iterations_result(monkeypatch):
     x = x / x.norm(dim=(-2, -1), keepdim=True)
     for steps in (0, 1, 5):
         torch.testing.assert_close(_iterate_on_spectrum(x, steps), _iterate(x, steps))
-    taken = []
+    taken, spectral = [], muon._iterate_on_spectrum
     monkeypatch.setattr(
-        muon, "_iterate_on_spectrum", lambda x, steps: taken.append(x.shape) or _iterate(x, steps)
+        muon, "_iterate_on_spectrum", lambda x, steps: taken.append(x.shape) or spectral(x, steps)
     )
-    # In fp32, through orthogonalize, tall or wide: within rounding of the fp64 iteration.
-    reference = _iterate(x, 5)
-    for update, expected in ((x, reference), (x.mT, reference.mT)):
-        o = orthogonalize(update.float()).double()
-        assert ((o - expected).norm() / expected.norm()) < 1e-3
-    assert taken == [(2, rows, cols)] * 2
-    orthogonalize(torch.randn(rows - 1, cols))  # smaller: the products cost less there
-    orthogonalize(x, dtype=torch.bfloat16)  # bf16 products: the iterations
-    assert len(taken) == 2
-    monkeypatch.undo()
-    # A non-finite update stays in its own matrix, as it does in the iterations.
-    stack = torch.randn(2, rows, cols)
-    stack[0, 1, 2] = float("nan")
-    assert orthogonalize(stack)[1].isfinite().all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        # In fp32, through orthogonalize, tall or wide: within rounding of the fp64 iteration.
+        reference = _iterate(x, 5)
+        for update, expected in ((x, reference), (x.mT, reference.mT)):
+            o = orthogonalize(update.float()).double()
+            assert ((o - expected).norm() / expected.norm()) < 1e-3
+        assert taken == [(2, rows, cols)] * 2
+        # A non-finite update stays in its own matrix, as it does in the iterations.
+        stack = torch.randn(2, rows, cols)
+        stack[0, 1, 2] = float("nan")
+        assert orthogonalize(stack)[1].isfinite().all() and len(taken) == 3
+        orthogonalize(torch.randn(rows - 1, cols))  # smaller: the products cost less there
+        orthogonalize(x, dtype=torch.bfloat16)  # bf16 products: the iterations
+        torch.set_num_threads(2)  # the products gain more from a second thread
+        orthogonalize(x.float())
+        assert len(taken) == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():

@@ -12,9 +12,10 @@ matrices at about half their fp32 rate (RESULTS, throughput attempt 21): there t
 96 against 61 ms a step for the 30-minute recipe's model. Here they run in the dtype whose products
 are faster: bf16 on GPUs and on CPUs that train in bf16 (on AMD Zen 4 40 against 64 ms), fp32 on the
 others. In fp32 a matrix much longer than it is wide runs its iterations on its Gram matrix,
-which needs fewer products, and on a CPU a large one applies them to its singular values alone,
-through the Gram matrix's eigendecomposition: the same result again, for less work. One optimiser rather than two, because Lightning's automatic
-optimisation steps one, and one learning-rate schedule then scales every group.
+which needs fewer products, and on one CPU thread a large one applies them to its singular
+values alone, through the Gram matrix's eigendecomposition: the same result, for less work. One
+optimiser rather than two, because Lightning's automatic optimisation steps one, and one
+learning-rate schedule then scales every group.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # wide is iterated on its Gram matrix (``_iterate_on_gram``); a benchmark may set it to infinity.
 GRAM_FORM_MIN_ASPECT = 2.0
 
-# On a CPU, in fp32 or fp64, a wide matrix with at least this many rows and columns takes the
-# iterations' map on its singular values instead (``_iterate_on_spectrum``): in smaller ones
-# LAPACK's eigendecomposition costs more than the products it saves (RESULTS, thirty-fourth
-# session). A benchmark may set them to infinity.
+# On a CPU running on one thread, in fp32 or fp64, a wide matrix with at least this many rows
+# and columns takes the iterations' map on its singular values instead (``_iterate_on_spectrum``).
+# In smaller ones LAPACK's eigendecomposition costs more than the products it saves, and it gains
+# little from more threads where the products gain almost twice: with two the step came out level
+# (RESULTS, thirty-fourth session). A benchmark may set them to infinity.
 SPECTRAL_FORM_MIN_ROWS = 256
 SPECTRAL_FORM_MIN_COLS = 384
 
@@ -59,7 +61,7 @@ def orthogonalize(update: Tensor, steps: int = 5, dtype: torch.dtype | None = No
     rows, cols = x.shape[-2:]
     full_precision = x.dtype in (torch.float32, torch.float64)
     large = rows >= SPECTRAL_FORM_MIN_ROWS and cols >= SPECTRAL_FORM_MIN_COLS
-    if full_precision and large and x.device.type == "cpu":
+    if full_precision and large and x.device.type == "cpu" and torch.get_num_threads() == 1:
         x = _iterate_on_spectrum(x, steps)
     elif full_precision and cols >= GRAM_FORM_MIN_ASPECT * rows:
         x = _iterate_on_gram(x, steps)
@@ -104,9 +106,9 @@ def _iterate_on_spectrum(x: Tensor, steps: int) -> Tensor:
     every singular value on its own (s <- as + bs^3 + cs^5) and keeps the singular vectors, so
     with the Gram matrix's eigendecomposition xx^T = U diag(s^2) U^T the result is
     U diag(f(s)/s) U^T x, f being the steps' composed map. 4m^2·n + 2m^3 operations and one
-    eigendecomposition, against _iterate_on_gram's 4m^2·n + 34m^3: 1.1-1.3x faster for
-    256-row weights and 1.3-1.7x for 384 and 512 on a 2-core AMD Zen 3 (RESULTS). CPU only:
-    batched eigendecompositions of this size are slow on GPUs."""
+    eigendecomposition, against _iterate_on_gram's 4m^2·n + 34m^3: on one thread of an AMD
+    Zen 3, 1.1-1.3x faster for 256-row weights and 1.4-1.7x for 384 and 512 (RESULTS). Not on
+    GPUs, whose batched eigendecompositions of this size are slow."""
     gram = x @ x.mT
     try:
         eigenvalues, vectors = torch.linalg.eigh(gram)
