@@ -182,7 +182,7 @@ def test_optimizer_benchmark_times_both_adamw_kernels_and_the_muon_steps():
     for dtype in measured:
         assert muon[dtype]["per_weight_ms"] > 0 and muon[dtype]["batched_ms"] > 0
     # The Gram and spectral forms' baselines are timed in fp32, the only dtype that takes them.
+    fp32 = muon["fp32"]
     for form in ("gram", "spectral"):
-        fp32 = muon["fp32"]
         assert fp32[f"no_{form}_form_ms"] > 0 and fp32[f"{form}_form_speedup"] > 0
         assert all(f"no_{form}_form_ms" not in muon[d] for d in measured if d != "fp32")
