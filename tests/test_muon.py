@@ -94,6 +94,50 @@ def test_the_spectral_form_gives_the_iterations_result(monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 200), (200, 64)])
+def test_exact_orthogonalisation_sets_the_singular_values_to_one(shape, dtype):
+    """``muon_exact``: every direction the update has comes out at one, not in 0.7-1.2 as after
+    the iterations; directions far below the floor (rounding, a low-rank update) stay small."""
+    torch.manual_seed(0)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+    s = torch.cat([torch.logspace(0, -2, k - 8), torch.full((8,), 1e-7)])
+    g = u @ torch.diag(s) @ v.T
+    o = orthogonalize(g.to(dtype), exact=True)
+    assert o.shape == g.shape and o.dtype == dtype
+    within = torch.diagonal(u.T @ o.float() @ v)  # same singular vectors: o ≈ u·diag·vᵀ
+    sv = torch.linalg.svdvals(o.float())
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    assert sv.max() < 1 + tol and (within[: k - 8] > 0).all(), within
+    # Singular values a hundred times the floor (relative to the Frobenius norm) reach 0.99.
+    relative = s / s.norm()
+    assert (within[: k - 8][relative[: k - 8] > 100 * muon.EXACT_FLOOR] > 0.99 - tol).all()
+    # The iterations leave these at 1e-7·484 too; a bf16 input's rounding (2^-9 relative) is
+    # itself above the floor, and comes out as noise of that order.
+    assert within[k - 8 :].abs().max() < (1e-2 if dtype == torch.float32 else 5e-2)
+    ns = torch.linalg.svdvals(orthogonalize(g))
+    assert ns.max() > 1.1  # the iterations overshoot where the exact map does not
+    # A non-finite matrix of a stack leaves the others finite, as in the iterations.
+    stack = torch.randn(2, *shape)
+    stack[0, 1, 2] = float("nan")
+    assert orthogonalize(stack, exact=True)[1].isfinite().all()
+
+
+def test_muon_exact_reaches_the_optimiser_from_the_configuration():
+    import lightning as L
+
+    from cvtlab.train.module import CvTClassifier
+
+    for exact in (False, True):
+        module = CvTClassifier(
+            "cvt_seed", {"num_classes": 3}, ["a", "b", "c"], optimizer="muon", muon_exact=exact
+        )
+        module.trainer = L.Trainer(accelerator="cpu", logger=False)
+        assert module.configure_optimizers()["optimizer"].exact is exact
+
+
 def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():
     torch.manual_seed(0)
     for shape in ((3, 48, 80), (2, 80, 48)):

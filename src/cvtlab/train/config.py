@@ -33,6 +33,9 @@ class TrainConfig:
     # linear layers, the patch embeddings after the stem), AdamW for the other tensors, at the
     # same rate and decay (train/muon.py)
     optimizer: str = "adamw"
+    # with muon: orthogonalise its updates exactly (an eigendecomposition) instead of by five
+    # Newton-Schulz iterations, which leave the singular values anywhere in about 0.7-1.2
+    muon_exact: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 5.0
     min_lr_ratio: float = 0.01

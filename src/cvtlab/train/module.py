@@ -79,6 +79,7 @@ class CvTClassifier(L.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
         optimizer: str = "adamw",
+        muon_exact: bool = False,
         warmup_steps: int = 0,
         total_steps: int = 1,
         min_lr_ratio: float = 0.01,
@@ -380,6 +381,8 @@ class CvTClassifier(L.LightningModule):
             # A run trains in bf16 only where bf16 products are the fast ones (precision.py), so
             # Muon's orthogonalising products run in bf16 too.
             extra["ns_dtype"] = torch.bfloat16
+        if muon and hp.get("muon_exact", False):
+            extra["exact"] = True
         optimizer = (MuonAdamW if muon else torch.optim.AdamW)(
             param_groups(self.model, hp.weight_decay, muon=muon),
             lr=hp.lr,

@@ -45,11 +45,24 @@ SPECTRAL_FORM_MIN_ROWS = 256
 SPECTRAL_FORM_MIN_COLS = 384
 
 
-def orthogonalize(update: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
+# ``exact`` orthogonalisation maps each singular value s of the update (scaled to Frobenius norm
+# one) to s / sqrt(s^2 + EXACT_FLOOR^2): one for every direction the update has, and a slope of
+# 1/EXACT_FLOOR at zero, which is about the five quintic steps' (3.4445^5 = 484), so that rounding
+# noise and directions the update lacks stay as small as the iterations leave them.
+EXACT_FLOOR = 2e-3
+
+
+def orthogonalize(
+    update: Tensor, steps: int = 5, dtype: torch.dtype | None = None, exact: bool = False
+) -> Tensor:
     """The matrix with ``update``'s singular vectors and singular values near one, computed in
     ``dtype`` (by default bf16 on GPUs, fp32 on CPUs). A stack of matrices (``batch x rows x
-    cols``) is orthogonalised matrix by matrix, in one batched product per step."""
+    cols``) is orthogonalised matrix by matrix, in one batched product per step. ``exact`` sets
+    the singular values to one (``EXACT_FLOOR``) through an eigendecomposition, in fp32 at least,
+    instead of ``steps`` Newton-Schulz iterations."""
     x = update.to(dtype or (torch.bfloat16 if update.is_cuda else torch.float32))
+    if exact and x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # no eigendecomposition in half precision
     stacked = x.ndim == 3
     if not stacked:
         x = x.unsqueeze(0)
@@ -61,7 +74,10 @@ def orthogonalize(update: Tensor, steps: int = 5, dtype: torch.dtype | None = No
     rows, cols = x.shape[-2:]
     full_precision = x.dtype in (torch.float32, torch.float64)
     large = rows >= SPECTRAL_FORM_MIN_ROWS and cols >= SPECTRAL_FORM_MIN_COLS
-    if full_precision and large and x.device.type == "cpu" and torch.get_num_threads() == 1:
+    if exact:
+        # A non-finite update, which the eigendecomposition refuses, keeps to its own matrix.
+        x = _map_spectrum(x, _exact_scale, fallback=lambda: _iterate(x, steps))
+    elif full_precision and large and x.device.type == "cpu" and torch.get_num_threads() == 1:
         x = _iterate_on_spectrum(x, steps)
     elif full_precision and cols >= GRAM_FORM_MIN_ASPECT * rows:
         x = _iterate_on_gram(x, steps)
@@ -109,20 +125,36 @@ def _iterate_on_spectrum(x: Tensor, steps: int) -> Tensor:
     eigendecomposition, against _iterate_on_gram's 4m^2·n + 34m^3: on one thread of an AMD
     Zen 3, 1.1-1.3x faster for 256-row weights and 1.4-1.7x for 384 and 512 (RESULTS). Not on
     GPUs, whose batched eigendecompositions of this size are slow."""
+    a, b, c = NS_COEFFICIENTS
+
+    def iterations_scale(s: Tensor) -> Tensor:
+        scale = torch.ones_like(s)
+        for _ in range(steps):
+            # Each step's factor f(s)/s = a + bs^2 + cs^4 stays finite at s = 0.
+            factor = a + s.square() * (b + c * s.square())
+            scale = scale * factor
+            s = s * factor
+        return scale
+
+    return _map_spectrum(x, iterations_scale, fallback=lambda: _iterate_on_gram(x, steps))
+
+
+def _exact_scale(s: Tensor) -> Tensor:
+    return (s.square() + EXACT_FLOOR**2).rsqrt()
+
+
+def _map_spectrum(
+    x: Tensor, scale_of: Callable[[Tensor], Tensor], fallback: Callable[[], Tensor]
+) -> Tensor:
+    """U diag(scale_of(s)) U^T x for a wide stack x with singular values s and left singular
+    vectors U, from the eigendecomposition of its Gram matrix."""
     gram = x @ x.mT
     try:
         eigenvalues, vectors = torch.linalg.eigh(gram)
-    except torch.linalg.LinAlgError:  # a non-finite update: the products carry it as before
-        return _iterate_on_gram(x, steps)
-    a, b, c = NS_COEFFICIENTS
+    except torch.linalg.LinAlgError:  # a non-finite update: the products carry it
+        return fallback()
     s = eigenvalues.clamp(min=0).sqrt()  # rounding can leave an eigenvalue just below zero
-    scale = torch.ones_like(s)
-    for _ in range(steps):
-        # Each step's factor f(s)/s = a + bs^2 + cs^4 stays finite at s = 0.
-        factor = a + s.square() * (b + c * s.square())
-        scale = scale * factor
-        s = s * factor
-    return ((vectors * scale.unsqueeze(-2)) @ vectors.mT) @ x
+    return ((vectors * scale_of(s).unsqueeze(-2)) @ vectors.mT) @ x
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -133,7 +165,9 @@ class MuonAdamW(torch.optim.Optimizer):
     0.2·√max(rows, cols), which gives it the root-mean-square size of an AdamW step (Liu et al.,
     2025, "Muon is scalable"), so the learning rate and schedule tuned for AdamW carry over.
     ``ns_dtype`` is the dtype of the orthogonalising products (default: bf16 on GPUs, fp32 on
-    CPUs); a speed setting of the machine, so it is not part of the saved state.
+    CPUs); a speed setting of the machine, so it is not part of the saved state. ``exact``
+    orthogonalises exactly (``orthogonalize``) instead of by Newton-Schulz iterations; a run's
+    configuration sets it again on resume, so it is not saved either.
     """
 
     def __init__(
@@ -147,6 +181,7 @@ class MuonAdamW(torch.optim.Optimizer):
         ns_steps: int = 5,
         fused: bool | None = None,
         ns_dtype: torch.dtype | None = None,
+        exact: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -160,6 +195,7 @@ class MuonAdamW(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
+        self.exact = exact
         for group in self.param_groups:
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):
                 raise ValueError("Muon groups take weight matrices and filters, not vectors")
@@ -200,7 +236,8 @@ class MuonAdamW(torch.optim.Optimizer):
             stack = torch.stack(
                 [matrices[i].T if t else matrices[i] for i, t in zip(members, tall)]
             )
-            updates = orthogonalize(stack, group["ns_steps"], self.ns_dtype).unbind(0)
+            updates = orthogonalize(stack, group["ns_steps"], self.ns_dtype, self.exact)
+            updates = updates.unbind(0)
             torch._foreach_add_(
                 [params[i] for i in members],
                 [

@@ -288,6 +288,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         weight_decay=cfg.weight_decay,
         betas=cfg.betas,
         optimizer=cfg.optimizer,
+        muon_exact=cfg.muon_exact,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
         total_steps=cfg.epochs * steps_per_epoch,
         min_lr_ratio=cfg.min_lr_ratio,
