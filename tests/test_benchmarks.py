@@ -186,3 +186,6 @@ def test_optimizer_benchmark_times_both_adamw_kernels_and_the_muon_steps():
     for form in ("gram", "spectral"):
         assert fp32[f"no_{form}_form_ms"] > 0 and fp32[f"{form}_form_speedup"] > 0
         assert all(f"no_{form}_form_ms" not in muon[d] for d in measured if d != "fp32")
+    # Exact orthogonalisation (muon_exact) runs in fp32 whatever the run's dtype: timed once.
+    assert fp32["exact_ms"] > 0 and fp32["exact_speedup"] > 0
+    assert all("exact_ms" not in muon[d] for d in measured if d != "fp32")
