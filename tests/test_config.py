@@ -103,12 +103,15 @@ def test_recipe_numbers_take_their_fields_types_or_fail_in_one_line(tmp_path):
     cfg = make_config(recipe_with("lr: 3e-3\nweight_decay: 0\nepochs: 12.0"))
     assert (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.003, 0.0, 12)
     assert isinstance(cfg.epochs, int) and isinstance(cfg.weight_decay, float)
+    assert make_config(recipe_with("whiten_stem: yes\nmuon_exact: false")).whiten_stem is True
     for text, message in [
         ("batch_size: 96.5", "batch_size must be a whole number, not 96.5"),
         ("epochs: ten", "epochs must be a whole number, not 'ten'"),
         ("lr: .nan", "lr must be a number, not nan"),
         ("max_minutes: yes", "max_minutes must be a number, not True"),
         ("augment:\n  crop_padding: 4.5", "augment: crop_padding must be a whole number"),
+        ('muon_exact: "false"', "muon_exact must be true or false, not 'false'"),
+        ("augment:\n  flip: 1", "augment: flip must be true or false, not 1"),
     ]:
         with pytest.raises(CvtLabError, match=message) as error:
             make_config(recipe_with(text))

@@ -295,11 +295,14 @@ def load_recipe(path: str | Path) -> dict:
 def _typed(values: dict, cls: type, where: str | Path) -> dict:
     """``values`` with each number in the type its field declares. YAML reads ``3e-3`` (no dot)
     as a string, which failed later with a TypeError, and ``96.5`` for a batch as a float, which
-    failed deep inside the run; here the first becomes 0.003 and the second is an error."""
+    failed deep inside the run; here the first becomes 0.003 and the second is an error. A switch
+    takes only true or false: the string "false" (quoted) would have turned it on."""
     types = {f.name: f.type for f in fields(cls)}
     out = dict(values)
     for key, value in values.items():
         kind = types.get(key)
+        if kind == "bool" and not isinstance(value, bool):
+            raise CvtLabError(f"{where}: {key} must be true or false, not {value!r}")
         if value is None or kind not in _NUMBERS:
             continue
         expected = _NUMBERS[kind]
