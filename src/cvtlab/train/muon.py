@@ -60,9 +60,10 @@ def orthogonalize(
     cols``) is orthogonalised matrix by matrix, in one batched product per step. ``exact`` sets
     the singular values to one (``EXACT_FLOOR``) through an eigendecomposition, in fp32 at least,
     instead of ``steps`` Newton-Schulz iterations."""
-    x = update.to(dtype or (torch.bfloat16 if update.is_cuda else torch.float32))
-    if exact and x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # no eigendecomposition in half precision
+    dtype = dtype or (torch.bfloat16 if update.is_cuda else torch.float32)
+    if exact and dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32  # no eigendecomposition in half precision
+    x = update.to(dtype)
     stacked = x.ndim == 3
     if not stacked:
         x = x.unsqueeze(0)
