@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_train_step, median, timed, write_result  # noqa: E402
 
 import cvtlab  # noqa: E402
+from cvtlab.models import token_linear  # noqa: E402
+from cvtlab.models.token_linear import linear_on_tokens  # noqa: E402
 from cvtlab.summary import summarize  # noqa: E402
 from cvtlab.train.precision import (  # noqa: E402
     bf16_is_emulated,
@@ -57,11 +59,13 @@ CASES = [
 
 
 def matmul_rate(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    """GFLOP/s of an n x n product, on a CPU as cvtlab's linear layers compute it: n tokens of
+    width n in 16 images, through oneDNN in fp32 where MKL's fp32 products are the slower."""
+    a = torch.randn(16, n // 16, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else None
-    a @ b
-    times = [timed(lambda: a @ b, sync) for _ in range(reps)]
+    linear_on_tokens(a, b)
+    times = [timed(lambda: linear_on_tokens(a, b), sync) for _ in range(reps)]
     return 2 * n**3 / median(times) / 1e9
 
 
@@ -316,8 +320,11 @@ def main(argv=None) -> dict:
         return {"peak_mib_per_image": mem, "notes": {i: v["note"] for i, v in skipped.items()}}
     if not emulated:
         rates["bf16"] = matmul_rate(dev, torch.bfloat16, n)
+    fp32_products = "oneDNN" if token_linear.ONEDNN_FP32_PRODUCTS else "MKL"
     print(
-        f"device {dev}: measured matmul rate fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s"
+        f"device {dev}: measured matmul rate fp32 {rates['fp32']:.0f} GFLOP/s"
+        + (f" (cvtlab's linear layers through {fp32_products})" if dev == "cpu" else "")
+        + f", bf16 {rates['bf16']:.0f} GFLOP/s"
     )
     results = {}
     for case in cases:
@@ -388,6 +395,7 @@ def main(argv=None) -> dict:
         "device": dev,
         "auto_precision": auto,
         "matmul_gflops": rates,
+        "fp32_linear_products": fp32_products if dev == "cpu" else "cuBLAS",
         "repeats": args.repeats,
         "cases": results,
         "threads": torch.get_num_threads(),

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from cvtlab.compare import _machine
-from cvtlab.machine import _cpuinfo, describe_machine
+from cvtlab.machine import cpu_info, describe_machine
 
 ZEN4 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -26,14 +26,14 @@ flags\t\t: fpu avx2 amx_tile amx_bf16
 def test_cpuinfo_tells_cpus_of_one_name_apart(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(ZEN4)
-    assert _cpuinfo(path) == {
+    assert cpu_info(path) == {
         "cpu": "AMD EPYC 9B14",
         "cpu_vendor": "AuthenticAMD",
         "cpu_family": 25,
         "cpu_model": 17,  # from "model", not from "model name"
         "cpu_extensions": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"],
     }
-    assert _cpuinfo(tmp_path / "missing") == {}  # macOS, Windows: the basic description only
+    assert cpu_info(tmp_path / "missing") == {}  # macOS, Windows: the basic description only
 
 
 def test_benchmark_result_files_are_named_per_cpu_type():

@@ -42,14 +42,14 @@ def describe_machine() -> dict:
         "lightning": lightning.__version__,
         "cvtlab": __version__,
     }
-    info.update(_cpuinfo())
+    info.update(cpu_info())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()
     return info
 
 
-def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict:
+def cpu_info(path: Path = Path("/proc/cpuinfo")) -> dict:
     """The first processor's entries of ``/proc/cpuinfo`` that tell CPUs apart; empty where the
     file is missing (macOS, Windows)."""
     try:

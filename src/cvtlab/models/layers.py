@@ -13,6 +13,8 @@ from einops import rearrange
 from timm.layers import DropPath
 from torch import nn
 
+from .token_linear import TokenLinear
+
 # On CPUs, attention with at most this many scores per head (queries × keys; every 64-px model
 # here, and the last stage at 224 px) runs faster as two batched products and a softmax, in the
 # products' dtype, than through SDPA's flash kernel: 1.12-1.16x for the 30-minute recipe's
@@ -151,8 +153,8 @@ class ConvAttention(nn.Module):
         for name, stride in groups.items():
             setattr(self, f"conv_proj_{name}", ConvProjection(dim, kernel_size, stride))
         for name in groups:
-            setattr(self, f"proj_{name}", nn.Linear(dim, len(name) * dim, bias=qkv_bias))
-        self.proj = nn.Linear(dim, dim)
+            setattr(self, f"proj_{name}", TokenLinear(dim, len(name) * dim, bias=qkv_bias))
+        self.proj = TokenLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, h: int, w: int, cls_only: bool = False) -> torch.Tensor:
@@ -221,9 +223,9 @@ class ConvAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act_layer: type[nn.Module], drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = TokenLinear(dim, hidden)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = TokenLinear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

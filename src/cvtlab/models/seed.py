@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import CvtLabError
+from .token_linear import TokenLinear
 
 
 class EmbeddingBlock(nn.Module):
@@ -78,10 +79,10 @@ class TransformerBlock(nn.Module):
         self.norm2 = norm_layer(embed_dim)
         hidden = int(embed_dim * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(embed_dim, hidden),
+            TokenLinear(embed_dim, hidden),
             nn.GELU(),
             nn.Dropout(drop),
-            nn.Linear(hidden, embed_dim),
+            TokenLinear(hidden, embed_dim),
             nn.Dropout(drop),
         )
 
