@@ -1,7 +1,9 @@
 """Data-pipeline throughput on one core: (a) decoding from the zip with PIL, (b) the decoded
 cache + batched crop/flip, (c) the cache + the full training recipe (crop/flip, TrivialAugment,
 random erasing, mixup/cutmix with label smoothing), (d) decoding 12-MP photos to 224 px as the
-cache does (JPEG draft scale) against a full decode and the same resize, interleaved.
+cache does (JPEG draft scale) against a full decode and the same resize, interleaved, (e) random
+erasing (p 0.25) on the 30-minute recipe's two batch shapes: timm's per-sample loop, which the CPU
+path uses, against the batched version the GPU path uses, interleaved, in ms per batch.
 
     python benchmarks/data.py [--data ZIP_OR_FOLDER] [--batches 40] [--quick]
 
@@ -21,11 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from timm.data.random_erasing import RandomErasing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TINY_ZIP, median, write_result  # noqa: E402
 
-from cvtlab.data.augment import AugmentConfig, BatchAugment, crop_flip  # noqa: E402
+from cvtlab.data.augment import (  # noqa: E402
+    AugmentConfig,
+    BatchAugment,
+    crop_flip,
+    normalize,
+    random_erase,
+)
 from cvtlab.data.datamodule import ImageDataModule  # noqa: E402
 from cvtlab.data.sources import open_source  # noqa: E402
 
@@ -96,6 +105,25 @@ def bench_loader(dm: ImageDataModule, batches: int, augment) -> float:
     return median(rates)
 
 
+def bench_erasing(shapes: list[tuple[int, int]], rounds: int, p: float = 0.25) -> dict:
+    """ms per batch of random erasing, timm's loop against the batched mask, per (batch, px)."""
+    timm_erase = RandomErasing(p, mode="pixel", device="cpu")
+    ways = {"timm_loop": timm_erase, "batched": lambda x: random_erase(x, p)}
+    out = {}
+    for batch, size in shapes:
+        # The layout BatchAugment erases: normalised, channels-last (B, 3, H, W).
+        x = normalize(torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8))
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        for _ in range(rounds):
+            for key, fn in ways.items():
+                y = x.clone()
+                t = time.perf_counter()
+                fn(y)
+                times[key].append(time.perf_counter() - t)
+        out[f"{batch}x{size}px"] = {k: 1e3 * median(v) for k, v in times.items()}
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(TINY_ZIP) if TINY_ZIP.is_file() else None)
@@ -126,6 +154,9 @@ def main(argv=None) -> dict:
     }
     photo_size = (1600, 1200) if args.quick else (4032, 3024)
     photos = bench_photos(2 if args.quick else args.photos, photo_size)
+    erasing = bench_erasing(
+        [(8, 32)] if args.quick else [(256, 32), (96, 64)], 3 if args.quick else 50
+    )
     print(f"data: {args.data}  batch {args.batch_size}, 1 thread")
     print(f"{'pipeline':<24} {'images/s':>10}")
     for k, v in results.items():
@@ -139,6 +170,11 @@ def main(argv=None) -> dict:
         f"({photos['draft_decode'] / photos['full_decode']:.2f}x), "
         f"{photos['mean_abs_diff_grey_levels']:.2f} grey levels apart on average"
     )
+    for shape, ms in erasing.items():
+        print(
+            f"(e) random erasing, batch {shape}: timm's loop {ms['timm_loop']:.2f} ms, "
+            f"batched {ms['batched']:.2f} ms"
+        )
     if not args.no_write:
         print(
             write_result(
@@ -148,10 +184,11 @@ def main(argv=None) -> dict:
                     "batch_size": args.batch_size,
                     "images_per_second": results,
                     "photos_to_224px": {"size": list(photo_size), **photos},
+                    "random_erasing_ms_per_batch": erasing,
                 },
             )
         )
-    return {**results, "d_photos": photos}
+    return {**results, "d_photos": photos, "e_erasing_ms": erasing}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 STARTED = time.time()  # before torch is imported: --deadline counts from here
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TINY_ZIP, write_result  # noqa: E402
+from common import TINY_ZIP, machine, write_result  # noqa: E402
 
 from cvtlab.compare import read_history  # noqa: E402
 from cvtlab.errors import CvtLabError, RunInterrupted  # noqa: E402
@@ -142,7 +142,8 @@ def main(argv=None) -> dict:
         other = rows["test_top1_other_checkpoint"]
         print(f"(for the record, not chosen: {other['checkpoint']} {other['top1']:.4f})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        # The same contents as the result file, machine included, wherever it is written.
+        Path(args.json).write_text(json.dumps({"machine": machine(), **result}, indent=2))
     if not args.no_write:
         print(write_result(f"tta-{Path(args.config).stem}", result))
     return result

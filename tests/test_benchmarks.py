@@ -1,6 +1,7 @@
 """Smoke tests: the benchmarks run end to end on tiny sizes (their numbers are not checked;
 speed is measured in benchmarks/, never asserted in tests)."""
 
+import json
 import os
 import sys
 import time
@@ -62,10 +63,13 @@ def test_data_benchmark_runs(shapes_small):
 
     rates = data_bench.main(["--data", str(shapes_small), "--quick", "--no-write"])
     photos = rates.pop("d_photos")
+    erasing = rates.pop("e_erasing_ms")
     assert set(rates) == {"a_decode_zip_pil", "b_cache_crop_flip", "c_cache_full_recipe"}
     assert all(v > 0 for v in rates.values())
     assert photos["full_decode"] > 0 and photos["draft_decode"] > 0
     assert photos["mean_abs_diff_grey_levels"] < 1.0
+    assert set(erasing) == {"8x32px"}
+    assert all(ms > 0 for ms in erasing["8x32px"].values())
 
 
 def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
@@ -84,8 +88,14 @@ def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
             "--out",
             str(tmp_path),
             "--no-write",
+            "--json",
+            str(tmp_path / "result.json"),
         ]
     )
+    # --json holds what the result file would, with the machine that ran it.
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written["machine"]["cores"] >= 1
+    assert written["metrics"]["test_top1"] == result["metrics"]["test_top1"]
     assert result["budget_minutes"] == 0.2  # a distant deadline leaves --minutes as it is
     assert 0.0 <= result["metrics"]["test_top1"] <= 1.0
     assert result["curve"] and result["curve"][0]["elapsed_s"] > 0
