@@ -199,3 +199,30 @@ def test_optimizer_benchmark_times_both_adamw_kernels_and_the_muon_steps():
     # Exact orthogonalisation (muon_exact) runs in fp32 whatever the run's dtype: timed once.
     assert fp32["exact_ms"] > 0 and fp32["exact_speedup"] > 0
     assert all("exact_ms" not in muon[d] for d in measured if d != "fp32")
+
+
+def test_recipe_step_benchmark_times_each_phase_of_the_schedule():
+    import recipe_step
+    import torch
+
+    from cvtlab.models import layers
+    from cvtlab.train.config import make_config
+    from cvtlab.train.precision import bf16_is_emulated, product_rates
+
+    # The 30-minute recipe: 32 px in batches of 256, then 64 px in batches of 96 from epoch 12.
+    assert recipe_step.phases(make_config("cpu_30min")) == [(0, 32, 256), (12, 64, 96)]
+    args = ["--max-batch", "2", "--steps", "1", "--repeats", "1", "--warmup", "1", "--no-write"]
+    payload = recipe_step.main([*args, "--precision", "32"])
+    assert payload["precision"] == "32"
+    assert [(r["size"], r["batch"]) for r in payload["phases"]] == [(32, 2), (64, 2)]
+    for row in payload["phases"]:
+        r = row["recipe"]
+        assert r["forward_backward_ms"] > 0 and r["optimizer_ms"] > 0
+        assert r["step_ms"] == pytest.approx(r["forward_backward_ms"] + r["optimizer_ms"])
+        assert "depthwise_bf16" not in row  # fp32 training has no bf16 variant to compare
+    rates = product_rates(256, rounds=3)
+    if not bf16_is_emulated(rates[torch.float32], rates[torch.bfloat16]):
+        payload = recipe_step.main([*args, "--precision", "bf16-mixed"])
+        for row in payload["phases"]:
+            assert row["depthwise_bf16"]["step_ms"] > 0 and row["depthwise_bf16_slowdown"] > 0
+    assert layers.FP32_DEPTHWISE_ON_CPU  # the variant leaves training's setting as it was

@@ -149,6 +149,26 @@ def test_cpu_explicit_attention_matches_sdpa(monkeypatch, with_cls_token):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_depthwise_projections_train_in_fp32_under_cpu_autocast(monkeypatch):
+    """Training under CPU bf16 autocast computes the depthwise projections in fp32 (their bf16
+    backward is the slow one); inference, and training with the switch off, keep them in bf16."""
+    attn = ConvAttention(64, 4).train()
+    seen = []
+    attn.conv_proj_q.conv.register_forward_hook(lambda m, inp, out: seen.append(out.dtype))
+    x = torch.randn(2, 64, 64)
+
+    def projection_dtype(grad: bool) -> torch.dtype:
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            attn(x, 8, 8)
+        return seen[0]
+
+    assert projection_dtype(grad=True) == torch.float32
+    assert projection_dtype(grad=False) == torch.bfloat16
+    monkeypatch.setattr(layers, "FP32_DEPTHWISE_ON_CPU", False)
+    assert projection_dtype(grad=True) == torch.bfloat16
+
+
 def _unshare(state: dict[str, torch.Tensor], dim: int) -> dict[str, torch.Tensor]:
     """A shared-projection attention's weights as the three separate projections that compute
     the same: each shared conv copied to q, k and v, each fused linear split by rows."""

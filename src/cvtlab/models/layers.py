@@ -83,13 +83,22 @@ class ConvProjection(nn.Module):
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
 
 
+# Under CPU autocast in training, the depthwise projections of queries, keys and values (and
+# SDPA's flash attention, where it runs) are computed in fp32: their bf16 backward kernels are
+# slower. benchmarks/recipe_step.py times the step with this off (everything in bf16).
+FP32_DEPTHWISE_ON_CPU = True
+
+
 class _fp32_on_cpu:
     """Inside CPU autocast, run the enclosed ops in fp32 (yields whether it did)."""
 
     def __init__(self, x: torch.Tensor):
         # Inference keeps bf16 throughout: there the forward kernels are fast.
         self.active = (
-            x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+            FP32_DEPTHWISE_ON_CPU
+            and x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and torch.is_grad_enabled()
         )
         self._ctx = torch.autocast("cpu", enabled=False) if self.active else None
 

@@ -57,6 +57,39 @@ def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> l
     return groups
 
 
+def make_optimizer(
+    model: nn.Module,
+    kind: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    precision: str = "32",
+    muon_exact: bool = False,
+) -> torch.optim.Optimizer:
+    """The optimiser a run trains ``model`` with: ``kind`` ``"adamw"`` or ``"muon"``
+    (:class:`~cvtlab.train.muon.MuonAdamW` over :func:`param_groups`), set up for the run's
+    Lightning ``precision``."""
+    muon = kind == "muon"
+    extra = {}
+    if muon and precision == "bf16-mixed":
+        # A run trains in bf16 only where bf16 products are the fast ones (precision.py), so
+        # Muon's orthogonalising products run in bf16 too.
+        extra["ns_dtype"] = torch.bfloat16
+    if muon and muon_exact:
+        extra["exact"] = True
+    # The fused kernel updates every tensor in one pass: 3-4x faster than the per-op (foreach)
+    # AdamW on a CPU, and a handful of launches instead of dozens on a GPU. Lightning cannot clip
+    # gradients for an optimiser that unscales fp16 gradients itself, so fp16 mixed precision
+    # keeps the foreach one.
+    return (MuonAdamW if muon else torch.optim.AdamW)(
+        param_groups(model, weight_decay, muon=muon),
+        lr=lr,
+        betas=betas,
+        fused=precision != "16-mixed",
+        **extra,
+    )
+
+
 def warmup_decay(
     step: float, warmup: int, total: int, min_ratio: float, decay: str = "cosine"
 ) -> float:
@@ -369,26 +402,15 @@ class CvTClassifier(L.LightningModule):
     # -- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        # The fused kernel updates every tensor in one pass: 3-4x faster than the per-op
-        # (foreach) AdamW on a CPU, and a handful of launches instead of dozens on a GPU. Lightning
-        # cannot clip gradients for an optimiser that unscales fp16 gradients itself, so fp16
-        # mixed precision keeps the foreach one.
         precision = str(self.trainer.precision) if self._trainer is not None else "32"
-        fp16 = precision == "16-mixed"
-        muon = hp.get("optimizer", "adamw") == "muon"  # runs saved before the option: AdamW
-        extra = {}
-        if muon and precision == "bf16-mixed":
-            # A run trains in bf16 only where bf16 products are the fast ones (precision.py), so
-            # Muon's orthogonalising products run in bf16 too.
-            extra["ns_dtype"] = torch.bfloat16
-        if muon and hp.get("muon_exact", False):
-            extra["exact"] = True
-        optimizer = (MuonAdamW if muon else torch.optim.AdamW)(
-            param_groups(self.model, hp.weight_decay, muon=muon),
+        optimizer = make_optimizer(
+            self.model,
+            hp.get("optimizer", "adamw"),  # runs saved before the option: AdamW
             lr=hp.lr,
+            weight_decay=hp.weight_decay,
             betas=tuple(hp.betas),
-            fused=not fp16,
-            **extra,
+            precision=precision,
+            muon_exact=hp.get("muon_exact", False),
         )
 
         def lr_factor(_: int) -> float:
