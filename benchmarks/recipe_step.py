@@ -7,9 +7,9 @@ fp32 under CPU autocast: models/layers.py), which is the measurement behind that
     python benchmarks/recipe_step.py --config my.yaml --repeats 9 --precision 32
 
 Random batches of the recipe's sizes, no data loading or augmentation (benchmarks/data.py times
-those); the optimiser's part includes the gradient clipping. Each timing is the mean over ``--steps`` steps; the variants run interleaved, after
-warm-up, and the median of ``--repeats`` is reported. Writes
-benchmarks/results/recipe-step-<machine>.json.
+those); the optimiser's part includes the gradient clipping. Each timing is the mean over
+``--steps`` steps; the variants run interleaved, after warm-up, and the median of ``--repeats``
+is reported. Writes benchmarks/results/recipe-step-<machine>.json.
 """
 
 from __future__ import annotations
@@ -75,9 +75,8 @@ def time_phase(cfg, size, batch, precision, steps, repeats, warmup) -> dict:
     # A small rate keeps repeated steps on one batch from driving the weights anywhere odd; the
     # step's cost does not depend on it.
     optimizer = make_optimizer(
-        model, cfg.optimizer, 1e-4, cfg.weight_decay, precision=precision,
-        muon_exact=cfg.muon_exact,
-    )  # fmt: skip
+        model, cfg.optimizer, 1e-4, cfg.weight_decay, precision=precision, muon_exact=cfg.muon_exact
+    )
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 200, (batch,))
     bf16 = precision == "bf16-mixed"
@@ -87,11 +86,12 @@ def time_phase(cfg, size, batch, precision, steps, repeats, warmup) -> dict:
     times = {name: ([], []) for name in variants}
 
     def run(name: str, n: int) -> tuple:
+        setting = layers.FP32_DEPTHWISE_ON_CPU
         layers.FP32_DEPTHWISE_ON_CPU = variants[name]
         try:
             return time_steps(model, optimizer, x, y, n, bf16, cfg)
         finally:
-            layers.FP32_DEPTHWISE_ON_CPU = True
+            layers.FP32_DEPTHWISE_ON_CPU = setting
 
     for name in variants:
         run(name, warmup)
@@ -130,8 +130,8 @@ def main(argv=None) -> dict:
     precision, why = resolve_precision(args.precision or cfg.precision, "cpu")
     if precision not in ("32", "bf16-mixed"):
         p.error(f"--precision must be 32 or bf16-mixed on a CPU, got {precision!r}")
-    print(f"{args.config}: {cfg.model}, {cfg.optimizer}, precision {precision} ({why}), "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    threads = torch.get_num_threads()
+    print(f"{args.config}: {cfg.model}, {cfg.optimizer}, {precision} ({why}), {threads} threads")
     rows = []
     for start, size, batch in phases(cfg):
         batch = min(batch, args.max_batch or batch)
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
         "config": str(args.config),
         "precision": precision,
         "precision_reason": why,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "steps": args.steps,
         "repeats": args.repeats,
         "phases": rows,
