@@ -98,6 +98,7 @@ def test_tta_benchmark_runs(shapes_small, tmp_path, monkeypatch):
     assert written["metrics"]["test_top1"] == result["metrics"]["test_top1"]
     assert result["budget_minutes"] == 0.2  # a distant deadline leaves --minutes as it is
     assert 0.0 <= result["metrics"]["test_top1"] <= 1.0
+    assert 0.0 <= result["metrics"]["test_top1_flip_shift2"] <= 1.0
     assert result["curve"] and result["curve"][0]["elapsed_s"] > 0
     # demo tests its best checkpoint; the last one is scored beside it, named.
     assert result["metrics"]["test_checkpoint"].endswith("best.ckpt")

@@ -282,8 +282,9 @@ def test_eval_in_bf16_keeps_the_accuracy(trained, monkeypatch):
 def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(
     trained, shapes_small, tmp_path
 ):
-    """--flip scores an image and its mirror image the same, and stays near the plain top-1."""
-    from cvtlab.inference import flip_averaged, load_predictor
+    """--flip scores an image and its mirror image the same, with or without --shift, and
+    stays near the plain top-1."""
+    from cvtlab.inference import load_predictor, view_averaged
 
     out, _ = trained
     ckpt = str(out / "checkpoints" / "best.ckpt")
@@ -292,28 +293,64 @@ def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(
     with torch.inference_mode():
         plain, mirrored = model(x), model(x.flip(-1))
         assert not torch.allclose(plain, mirrored, atol=1e-4)  # the model alone is not symmetric
-        torch.testing.assert_close(flip_averaged(model, x), flip_averaged(model, x.flip(-1)))
-        assert torch.allclose(flip_averaged(model, x).exp().sum(-1), torch.ones(6))
-    r = run_cli("eval", "--checkpoint", ckpt, "--flip", "--format", "json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    e = json.loads(r.stdout)
+        for shift in (0, 2):
+            averaged = view_averaged(model, x, flip=True, shift=shift)
+            torch.testing.assert_close(averaged, view_averaged(model, x.flip(-1), True, shift))
+            assert torch.allclose(averaged.exp().sum(-1), torch.ones(6))
+        torch.testing.assert_close(view_averaged(model, x), plain.log_softmax(-1))
     m = json.loads((out / "metrics.json").read_text())
-    assert e["flip"] is True and e["n"] == 100 and abs(e["top1"] - m["test_top1"]) <= 0.1
+    for flags in (["--flip"], ["--flip", "--shift", "2"]):
+        r = run_cli("eval", "--checkpoint", ckpt, *flags, "--format", "json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        e = json.loads(r.stdout)
+        assert e["flip"] is True and e["shift"] == (2 if "--shift" in flags else 0)
+        assert e["n"] == 100 and abs(e["top1"] - m["test_top1"]) <= 0.1
+    for bad in ("-1", "64"):
+        r = run_cli_here("eval", "--checkpoint", ckpt, "--shift", bad)
+        assert r.returncode != 0 and f"--shift must be from 0 to 63 pixels, not {bad}" in r.stderr
     # predict --flip: an image file and its mirrored copy get the same classes and probabilities
     sample = shapes_small / "test" / "images" / "test_1.JPEG"
     mirrored = tmp_path / "mirrored.png"
     Image.open(sample).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
     outs = [
         run_cli_here("predict", "--checkpoint", ckpt, str(f), *flag, "--format", "json")
-        for flag in ([], ["--flip"])
+        for flag in ([], ["--flip"], ["--flip", "--shift", "3"])
         for f in (sample, mirrored)
     ]
     assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
-    (plain, plain_m, flip, flip_m) = [json.loads(r.stdout)[0]["predictions"] for r in outs]
+    plain, plain_m, *averaged = [json.loads(r.stdout)[0]["predictions"] for r in outs]
     assert plain != plain_m
-    assert [p["class"] for p in flip] == [p["class"] for p in flip_m]
-    for a, b in zip(flip, flip_m):
-        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+    for flip, flip_m in (averaged[:2], averaged[2:]):
+        assert [p["class"] for p in flip] == [p["class"] for p in flip_m]
+        for a, b in zip(flip, flip_m):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+    assert averaged[0] != averaged[2]  # the shifted views count
+
+
+def test_shifted_views_move_the_image_and_reflect_its_border():
+    """--shift s: the views are the image moved s pixels each way, the uncovered border filled
+    as training's reflection-padded crops fill it."""
+    from cvtlab.inference import view_averaged
+
+    seen: list[torch.Tensor] = []
+
+    def recorder(v: torch.Tensor) -> torch.Tensor:
+        seen.append(v.clone())
+        return torch.zeros(len(v), 5)
+
+    x, s = torch.randn(2, 3, 9, 11), 2
+    out = view_averaged(recorder, x, flip=True, shift=s)
+    torch.testing.assert_close(out.exp(), torch.full((2, 5), 0.2))
+    assert len(seen) == 10 and all(v.shape == x.shape for v in seen)
+    assert torch.equal(seen[0], x) and torch.equal(seen[1], x.flip(-1))
+    for image, views in ((x, seen[2:6]), (x.flip(-1), seen[6:])):
+        down, up, right, left = views
+        assert torch.equal(down[..., s:, :], image[..., :-s, :])
+        assert torch.equal(down[..., :s, :], image[..., 1 : s + 1, :].flip(-2))
+        assert torch.equal(up[..., :-s, :], image[..., s:, :])
+        assert torch.equal(right[..., s:], image[..., :-s])
+        assert torch.equal(left[..., :-s], image[..., s:])
+        assert torch.equal(left[..., -s:], image[..., -s - 1 : -1].flip(-1))
 
 
 def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data.augment import normalize
@@ -26,19 +27,41 @@ class Predictor:
     names_known: bool = True
 
     @torch.no_grad()
-    def probabilities(self, images: np.ndarray, flip: bool = False) -> torch.Tensor:
-        """uint8 (N, H, W, 3) images → class probabilities (N, K); ``flip`` averages them with
-        the mirror images' (test-time augmentation)."""
+    def probabilities(self, images: np.ndarray, flip: bool = False, shift: int = 0) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images → class probabilities (N, K); ``flip`` and ``shift``
+        average them over views of each image (test-time augmentation: ``view_averaged``)."""
         device = next(self.model.parameters()).device
         x = normalize(torch.from_numpy(np.array(images, dtype=np.uint8)).to(device))
-        return flip_averaged(self.model, x).exp() if flip else self.model(x).softmax(-1)
+        return view_averaged(self.model, x, flip, shift).exp()
 
 
-def flip_averaged(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Log of the mean of the class probabilities for ``x`` and its mirror image: the same for
-    an image and its mirror, whatever the model."""
-    probs = model(x).float().softmax(-1) + model(x.flip(-1)).float().softmax(-1)
-    return torch.log(probs / 2)
+def check_shift(shift: int, size: int) -> None:
+    """Reflection fills a border narrower than the image only."""
+    if not 0 <= shift < size:
+        raise CvtLabError(f"--shift must be from 0 to {size - 1} pixels, not {shift}")
+
+
+def view_averaged(
+    model: nn.Module, x: torch.Tensor, flip: bool = False, shift: int = 0
+) -> torch.Tensor:
+    """Log of the mean class probabilities over views of the (B, C, H, W) batch ``x``: the
+    images themselves, their mirror images (``flip``), and each of those moved ``shift`` pixels
+    up, down, left and right, the uncovered border reflected as training's crops reflect it
+    (``shift``). With neither, the model's log-probabilities. The views come in mirrored pairs,
+    so with ``flip`` an image and its mirror image get the same probabilities, whatever the
+    model."""
+    h, w = x.shape[-2:]
+    check_shift(shift, min(h, w))
+    views = [x, x.flip(-1)] if flip else [x]
+    if shift:
+        for padded in [F.pad(v, (shift,) * 4, mode="reflect") for v in views]:
+            for top, left in ((0, shift), (2 * shift, shift), (shift, 0), (shift, 2 * shift)):
+                views.append(padded[..., top : top + h, left : left + w])
+    if len(views) == 1:
+        return model(x).float().log_softmax(-1)
+    # One forward pass per view, not one over them all: the memory of a plain batch.
+    probs = sum(model(v).float().softmax(-1) for v in views)
+    return torch.log(probs / len(views))
 
 
 def _run_config(checkpoint: Path) -> dict | None:

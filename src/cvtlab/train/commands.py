@@ -173,6 +173,7 @@ def evaluate(
     precision: str = "32",
     flip: bool = False,
     device: str = "auto",
+    shift: int = 0,
 ) -> dict:
     """Top-1, top-5, loss and per-class accuracy of ``checkpoint`` on ``split`` of ``data``
     (default: the run's own data, split the same way as in training; ``"all"``: every labelled
@@ -180,7 +181,8 @@ def evaluate(
 
     ``flip=True`` averages the class probabilities of each image and its mirror image (test-time
     augmentation: twice the compute, usually about a point of top-1 for a model trained with
-    flips).
+    flips); ``shift`` adds the views moved that many pixels up, down, left and right (five times
+    the compute, ten with ``flip``).
 
     ``precision="bf16"`` runs a bf16 copy of the weights on bf16 inputs: on CPUs with bf16
     matrix units the fastest inference (no casts per call, unlike autocast). ``"auto"`` takes
@@ -192,7 +194,7 @@ def evaluate(
         raise CvtLabError(f"--batch-size must be at least 1, not {batch_size}")
     import torch
 
-    from ..inference import flip_averaged, load_predictor, resolve_device
+    from ..inference import check_shift, load_predictor, resolve_device, view_averaged
 
     device = resolve_device(device)
     if precision == "auto":
@@ -208,6 +210,7 @@ def evaluate(
     from ..machine import describe_machine
 
     predictor = load_predictor(checkpoint)
+    check_shift(shift, predictor.img_size)
     run = predictor.run_config or {}
     data = data or run.get("data")
     if not data:
@@ -253,7 +256,7 @@ def evaluate(
             # uint8 to the device, then normalised there: a quarter of the bytes to move.
             x = normalize(torch.from_numpy(np.asarray(decoded.images[rows_b])).to(device))
             y = torch.from_numpy(decoded.labels[rows_b].astype(np.int64)).to(device)
-            logits = flip_averaged(model, x.to(dtype)) if flip else model(x.to(dtype)).float()
+            logits = view_averaged(model, x.to(dtype), flip, shift)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             for m in (top1, top5, per_class):
                 m.update(logits, y)
@@ -265,6 +268,7 @@ def evaluate(
         "precision": precision,
         "device": device,
         "flip": flip,
+        "shift": shift,
         "n": int(len(idx)),
         "top1": float(top1.compute()),
         "top5": float(top5.compute()),
@@ -283,12 +287,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         args.precision,
         args.flip,
         args.device,
+        args.shift,
     )
     if args.format == "json":
         print(json.dumps(result, indent=2))
         return
+    views = ["flipped"] * result["flip"]
+    views += [f"shifted {result['shift']} px"] * bool(result["shift"])
+    averaged = f" (averaged with the {' and '.join(views)} views)" if views else ""
     print(
-        f"{result['split']} of {result['data']}{' (flip-averaged)' if result['flip'] else ''}: "
+        f"{result['split']} of {result['data']}{averaged}: "
         f"n={result['n']}  top-1 {result['top1']:.4f}  "
         f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}"
     )
@@ -321,13 +329,14 @@ def predict(
     flip: bool = False,
     batch_size: int = 64,
     device: str = "auto",
+    shift: int = 0,
 ) -> list[dict]:
     """Top-``topk`` class names and probabilities per image (``flip``: averaged with the mirror
-    image's); a folder stands for the images in it and its subfolders, in sorted order. An
-    unreadable image (or a folder without images) gets an ``error`` entry instead, and the
-    others are still predicted, ``batch_size`` at a time, on ``device`` (``auto``: the GPU
-    where there is one)."""
-    from ..inference import load_predictor, read_image, resolve_device
+    image's; ``shift``: with the views moved that many pixels, as ``evaluate``'s); a folder
+    stands for the images in it and its subfolders, in sorted order. An unreadable image (or a
+    folder without images) gets an ``error`` entry instead, and the others are still predicted,
+    ``batch_size`` at a time, on ``device`` (``auto``: the GPU where there is one)."""
+    from ..inference import check_shift, load_predictor, read_image, resolve_device
 
     if batch_size < 1:
         raise CvtLabError(f"--batch-size must be at least 1, not {batch_size}")
@@ -335,6 +344,7 @@ def predict(
         raise CvtLabError(f"--topk must be at least 1, not {topk}")
     device = resolve_device(device)
     predictor = load_predictor(checkpoint)
+    check_shift(shift, predictor.img_size)
     predictor.model.to(device)
     results: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []
@@ -342,7 +352,8 @@ def predict(
     def run_pending() -> None:
         if not pending:
             return
-        probs = predictor.probabilities(np.stack([pixels for _, pixels in pending]), flip=flip)
+        pixels = np.stack([pixels for _, pixels in pending])
+        probs = predictor.probabilities(pixels, flip=flip, shift=shift)
         for (entry, _), row in zip(pending, probs):
             values, indices = row.topk(min(topk, len(row)))
             entry["predictions"] = [
@@ -370,7 +381,13 @@ def predict(
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     results = predict(
-        args.checkpoint, args.images, args.topk, args.flip, args.batch_size, args.device
+        args.checkpoint,
+        args.images,
+        args.topk,
+        args.flip,
+        args.batch_size,
+        args.device,
+        args.shift,
     )
     if args.format == "json":
         print(json.dumps(results, indent=2))
@@ -407,6 +424,11 @@ CHECKPOINT_HELP = (
     "an official .pth or a Hugging Face folder"
 )
 
+SHIFT_HELP = (
+    "also average over the views moved this many pixels up, down, left and right "
+    "(test-time augmentation; 0: none)"
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import positive_int
@@ -436,6 +458,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="average each image's and its mirror image's probabilities (test-time augmentation)",
     )
+    p.add_argument("--shift", type=int, default=0, help=SHIFT_HELP)
     p.add_argument(
         "--device",
         default="auto",
@@ -452,6 +475,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--flip", action="store_true", help="average with the mirror image's probabilities"
     )
+    p.add_argument("--shift", type=int, default=0, help=SHIFT_HELP)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.add_argument(
         "--device",
