@@ -227,3 +227,44 @@ def test_recipe_step_benchmark_times_each_phase_of_the_schedule():
         for row in payload["phases"]:
             assert row["depthwise_bf16"]["step_ms"] > 0 and row["depthwise_bf16_slowdown"] > 0
     assert layers.FP32_DEPTHWISE_ON_CPU  # the variant leaves training's setting as it was
+
+
+def test_ema_horizons_scores_each_average_on_the_tested_step(shapes_small, tmp_path):
+    import ema_horizons
+
+    from cvtlab.train.config import recipe_path
+
+    recipe = tmp_path / "demo_ema.yaml"
+    recipe.write_text(recipe_path("demo").read_text() + "\nema_decay: 0.99\n")
+    result = ema_horizons.main(
+        [
+            "--config",
+            str(recipe),
+            "--data",
+            str(shapes_small),
+            "--minutes",
+            "0.15",
+            "--average",
+            f"0.99:{2 / 3}",  # kept as the recipe keeps its own: must end equal to it
+            "--average",
+            "0.9:1",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+            str(tmp_path / "horizons.json"),
+        ]
+    )
+    rows = result["averages"]
+    assert list(rows) == ["trained", "recipe_ema", f"average 0.99:{2 / 3:g}", "average 0.9:1"]
+    same = rows[f"average 0.99:{2 / 3:g}"]
+    assert same["max_abs_diff_from_recipe_ema"] < 1e-6
+    assert same["top1"] == rows["recipe_ema"]["top1"]
+    assert rows["recipe_ema"]["top1"] == result["metrics"]["test_top1"]
+    steps = result["metrics"]["steps"]
+    assert rows["average 0.9:1"]["final_decay"] == min(0.9, 1 - 1 / steps)
+    assert rows["average 0.9:1"]["max_abs_diff_from_recipe_ema"] > 0
+    for row in rows.values():
+        assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["top1_flip_shift2"] <= 1.0
+    assert json.loads((tmp_path / "horizons.json").read_text())["averages"] == rows
+    with pytest.raises(SystemExit):
+        ema_horizons.main(["--config", "demo", "--minutes", "1", "--average", "0.999"])
