@@ -33,7 +33,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="adamw, or muon (Muon for the weights that mix channels, AdamW for the rest)",
     )
     p.add_argument("--label-smoothing", type=float, help="0 turns it off")
-    p.add_argument("--ema-decay", type=float, help="decay of the weight EMA, e.g. 0.999 (0: off)")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        help="the weight EMA's decay, e.g. 0.999 (0: off), reached through the warm-up "
+        "1 - (1 + step)^-2/3",
+    )
     p.add_argument(
         "--whiten-stem",
         action="store_true",

@@ -138,6 +138,8 @@ class CvTClassifier(L.LightningModule):
         self.augment = BatchAugment(AugmentConfig(**(augment or {})), self.num_classes)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # With the warm-up the decay at step s is min(ema_decay, 1 - (1 + s)^-2/3), so the random
+        # start fades from the average at once; 0.999 itself is reached after 31,623 steps.
         self.ema = (
             ModelEmaV3(self.model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
         )
