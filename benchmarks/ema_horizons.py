@@ -10,8 +10,8 @@ only by the averaging, so one run compares them.
 
 Each ``--average DECAY:POWER`` keeps timm's ``ModelEmaV3`` with that decay and warm-up power:
 at step s the decay is min(DECAY, 1 - (1 + s)^-POWER). POWER 1 is the plain mean of the steps so
-far until the cap is reached, after 1/(1 - DECAY) steps; with 2/3 (timm's default, and what
-``ema_decay`` uses) 0.999 is reached only after 31,623 steps. The recipe's own EMA, when it keeps
+far until the cap is reached, after 1/(1 - DECAY) steps; with 2/3 (timm's default, and
+``ema_warmup_power``'s) 0.999 is reached only after 31,623 steps. The recipe's own EMA, when it keeps
 one, and the trained weights are scored beside them, all at the last step (the recipe's
 ``test_checkpoint`` is set to ``last``). Each average is tested as the recipe's
 checkpoint with its weights in place of the recipe's EMA: plain, flip-averaged and with the
@@ -40,8 +40,6 @@ from cvtlab.errors import CvtLabError  # noqa: E402
 from cvtlab.train.commands import evaluate  # noqa: E402
 from cvtlab.train.config import make_config  # noqa: E402
 from cvtlab.train.run import train  # noqa: E402
-
-RECIPE_POWER = 2 / 3  # ModelEmaV3's default warm-up power, which the recipe's ema_decay keeps
 
 
 def parse_average(text: str) -> tuple[float, float]:
@@ -138,8 +136,8 @@ def main(argv=None) -> dict:
         path = out / "trained.ckpt"
         torch.save(with_average(checkpoint, trained, cfg.ema_decay), path)
         rows = {"trained": {"checkpoint": str(path), **score(str(path), args.data)}}
-        recipe = {"decay": cfg.ema_decay, "power": RECIPE_POWER}
-        recipe["final_decay"] = final_decay(cfg.ema_decay, RECIPE_POWER, steps)
+        recipe = {"decay": cfg.ema_decay, "power": cfg.ema_warmup_power}
+        recipe["final_decay"] = final_decay(cfg.ema_decay, cfg.ema_warmup_power, steps)
         rows["recipe_ema"] = {**recipe, "checkpoint": tested, **score(tested, args.data)}
     else:
         rows = {"trained": {"checkpoint": tested, **score(tested, args.data)}}

@@ -1308,6 +1308,23 @@ def test_a_run_folder_moved_before_resuming_keeps_its_best_checkpoint(
     assert (saved["epochs"], saved["out"], saved["resume"]) == (4, str(tmp_path / "home"), False)
 
 
+def test_ema_warmup_power_sets_when_the_decay_reaches_ema_decay():
+    """With power 1 the EMA is the plain mean of the steps until 1/(1 - ema_decay) steps, then
+    the EMA at ema_decay; timm's 2/3 is still under the cap there."""
+    from cvtlab.train.config import make_config
+    from cvtlab.train.module import CvTClassifier
+
+    power_one = CvTClassifier(
+        "cvt_seed", {"num_classes": 3}, ["a", "b", "c"], ema_decay=0.9, ema_warmup_power=1.0
+    )
+    default = CvTClassifier("cvt_seed", {"num_classes": 3}, ["a", "b", "c"], ema_decay=0.9)
+    assert power_one.ema.get_decay(step=5) == pytest.approx(0.8)  # the mean of 5 updates
+    assert power_one.ema.get_decay(step=11) == pytest.approx(0.9)
+    assert default.ema.get_decay(step=11) == pytest.approx(1 - 11 ** (-2 / 3))
+    assert default.ema.get_decay(step=11) < 0.9
+    assert make_config("demo").ema_warmup_power == pytest.approx(2 / 3)
+
+
 def test_a_non_finite_loss_flag_blocks_any_checkpoint_save():
     """On accelerators the loss check is deferred; a pending non-finite flag still stops saving."""
     from cvtlab.train.module import CvTClassifier

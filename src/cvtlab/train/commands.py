@@ -37,7 +37,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--ema-decay",
         type=float,
         help="the weight EMA's decay, e.g. 0.999 (0: off), reached through the warm-up "
-        "1 - (1 + step)^-2/3",
+        "1 - (1 + step)^-power",
+    )
+    p.add_argument(
+        "--ema-warmup-power",
+        type=float,
+        help="the EMA warm-up's power: 1 reaches --ema-decay D after 1/(1-D) steps (default 2/3)",
     )
     p.add_argument(
         "--whiten-stem",
@@ -125,6 +130,7 @@ _FLAG_KEYS = [
     "optimizer",
     "label_smoothing",
     "ema_decay",
+    "ema_warmup_power",
     "whiten_stem",
     "out",
     "seed",

@@ -119,6 +119,7 @@ class CvTClassifier(L.LightningModule):
         lr_decay: str = "cosine",
         label_smoothing: float = 0.1,
         ema_decay: float = 0.0,
+        ema_warmup_power: float = 2 / 3,
         augment: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -138,10 +139,12 @@ class CvTClassifier(L.LightningModule):
         self.augment = BatchAugment(AugmentConfig(**(augment or {})), self.num_classes)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        # With the warm-up the decay at step s is min(ema_decay, 1 - (1 + s)^-2/3), so the random
-        # start fades from the average at once; 0.999 itself is reached after 31,623 steps.
+        # With the warm-up the decay at step s is min(ema_decay, 1 - (1 + s)^-power), so the
+        # random start fades from the average at once (TrainConfig.ema_warmup_power).
         self.ema = (
-            ModelEmaV3(self.model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
+            ModelEmaV3(self.model, decay=ema_decay, use_warmup=True, warmup_power=ema_warmup_power)
+            if ema_decay > 0
+            else None
         )
         if self.ema is not None:
             # timm leaves its copy in eval mode, which Lightning warns about at the start of
