@@ -8,10 +8,12 @@ only by the averaging, so one run compares them.
     python benchmarks/ema_horizons.py --config cpu_30min --minutes 30 \\
         --average 0.999:1 --average 0.9995:1 --json /tmp/horizons.json
 
-Each ``--average DECAY:POWER`` keeps timm's ``ModelEmaV3`` with that decay and warm-up power:
-at step s the decay is min(DECAY, 1 - (1 + s)^-POWER). POWER 1 is the plain mean of the steps so
-far until the cap is reached, after 1/(1 - DECAY) steps; with 2/3 (timm's default, and
-``ema_warmup_power``'s) 0.999 is reached only after 31,623 steps. The recipe's own EMA, when it keeps
+Each ``--average DECAY:POWER[:GAMMA]`` keeps timm's ``ModelEmaV3`` with that decay and warm-up:
+at step s the decay is min(DECAY, 1 - (1 + s/GAMMA)^-POWER) (GAMMA 1 unless given). POWER 1 is
+the plain mean of the steps so far until the cap is reached, after 1/(1 - DECAY) steps; with 2/3
+(timm's default, and ``ema_warmup_power``'s) 0.999 is reached only after 31,623 steps. With
+POWER 1 and a GAMMA over 1 the average spans about 1/GAMMA of the steps so far, until the cap: a
+horizon that shortens with the run, as on a slower machine. The recipe's own EMA, when it keeps
 one, and the trained weights are scored beside them, all at the last step (the recipe's
 ``test_checkpoint`` is set to ``last``). Each average is tested as the recipe's
 checkpoint with its weights in place of the recipe's EMA: plain, flip-averaged and with the
@@ -42,37 +44,50 @@ from cvtlab.train.config import make_config  # noqa: E402
 from cvtlab.train.run import train  # noqa: E402
 
 
-def parse_average(text: str) -> tuple[float, float]:
-    """``DECAY:POWER`` (``0.999:1``) → (0.999, 1.0); a one-line error names the value."""
+def parse_average(text: str) -> tuple[float, float, float]:
+    """``DECAY:POWER[:GAMMA]`` (``0.999:1``) → (0.999, 1.0, 1.0); a one-line error names the
+    value."""
     try:
-        decay, power = (float(part) for part in text.split(":"))
+        parts = [float(part) for part in text.split(":")]
+        if len(parts) not in (2, 3):
+            raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--average {text}: expected DECAY:POWER, e.g. 0.999:1"
+            f"--average {text}: expected DECAY:POWER[:GAMMA], e.g. 0.999:1"
         ) from None
-    if not 0 < decay < 1 or power <= 0:
-        raise argparse.ArgumentTypeError(f"--average {text}: need 0 < DECAY < 1 and POWER > 0")
-    return decay, power
+    decay, power, gamma = (*parts, 1.0)[:3]
+    if not 0 < decay < 1 or power <= 0 or gamma <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--average {text}: need 0 < DECAY < 1, POWER > 0 and GAMMA > 0"
+        )
+    return decay, power, gamma
 
 
-def final_decay(decay: float, power: float, steps: int) -> float:
+def final_decay(decay: float, power: float, steps: int, gamma: float = 1.0) -> float:
     """The decay an average applies at its last step (the warm-up may not have reached DECAY)."""
-    return min(decay, 1 - (1 + max(steps - 1, 0)) ** -power)
+    return min(decay, 1 - (1 + max(steps - 1, 0) / gamma) ** -power)
 
 
 class KeepAverages(Callback):
     """Updates one ``ModelEmaV3`` per (decay, power) after every optimiser step, as the
     module updates its own EMA."""
 
-    def __init__(self, specs: list[tuple[float, float]]):
+    def __init__(self, specs: list[tuple[float, float, float]]):
         self.specs = specs
         self.averages: dict[str, ModelEmaV3] = {}
         self.update_seconds = 0.0
 
     def on_fit_start(self, trainer, module) -> None:
-        for decay, power in self.specs:
-            ema = ModelEmaV3(module.model, decay=decay, use_warmup=True, warmup_power=power)
-            self.averages[f"{decay:g}:{power:g}"] = ema.requires_grad_(False)
+        for decay, power, gamma in self.specs:
+            ema = ModelEmaV3(
+                module.model,
+                decay=decay,
+                use_warmup=True,
+                warmup_power=power,
+                warmup_gamma=gamma,
+            )
+            name = f"{decay:g}:{power:g}" + (f":{gamma:g}" if gamma != 1 else "")
+            self.averages[name] = ema.requires_grad_(False)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         start = time.perf_counter()
@@ -146,11 +161,12 @@ def main(argv=None) -> dict:
         for k, v in checkpoint["state_dict"].items()
         if k.startswith("ema.module.")
     }
-    for (decay, power), (name, ema) in zip(args.average, keep.averages.items()):
+    for (decay, power, gamma), (name, ema) in zip(args.average, keep.averages.items()):
         weights = ema.module.state_dict()
         path = out / f"average-{name.replace(':', '-')}.ckpt"
         torch.save(with_average(checkpoint, weights, decay), path)
-        row = {"decay": decay, "power": power, "final_decay": final_decay(decay, power, steps)}
+        row = {"decay": decay, "power": power, "gamma": gamma}
+        row["final_decay"] = final_decay(decay, power, steps, gamma)
         if recipe_ema:
             # The record that the averages ended on the tested checkpoint's step: an average
             # kept as the recipe keeps its own matches it to rounding.

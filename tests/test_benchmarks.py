@@ -248,6 +248,8 @@ def test_ema_horizons_scores_each_average_on_the_tested_step(shapes_small, tmp_p
             f"0.99:{2 / 3}",  # kept as the recipe keeps its own: must end equal to it
             "--average",
             "0.9:1",
+            "--average",
+            "0.999:1:4",  # a quarter of the steps so far: the cap is never reached
             "--out",
             str(tmp_path / "out"),
             "--json",
@@ -255,7 +257,8 @@ def test_ema_horizons_scores_each_average_on_the_tested_step(shapes_small, tmp_p
         ]
     )
     rows = result["averages"]
-    assert list(rows) == ["trained", "recipe_ema", f"average 0.99:{2 / 3:g}", "average 0.9:1"]
+    names = ["trained", "recipe_ema", f"average 0.99:{2 / 3:g}", "average 0.9:1"]
+    assert list(rows) == [*names, "average 0.999:1:4"]
     same = rows[f"average 0.99:{2 / 3:g}"]
     assert same["max_abs_diff_from_recipe_ema"] < 1e-6
     assert same["top1"] == rows["recipe_ema"]["top1"]
@@ -263,6 +266,7 @@ def test_ema_horizons_scores_each_average_on_the_tested_step(shapes_small, tmp_p
     steps = result["metrics"]["steps"]
     assert rows["average 0.9:1"]["final_decay"] == min(0.9, 1 - 1 / steps)
     assert rows["average 0.9:1"]["max_abs_diff_from_recipe_ema"] > 0
+    assert rows["average 0.999:1:4"]["final_decay"] == pytest.approx(1 - 1 / (1 + (steps - 1) / 4))
     for row in rows.values():
         assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["top1_flip_shift2"] <= 1.0
     assert json.loads((tmp_path / "horizons.json").read_text())["averages"] == rows
