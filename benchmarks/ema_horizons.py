@@ -151,8 +151,14 @@ def main(argv=None) -> dict:
         path = out / "trained.ckpt"
         torch.save(with_average(checkpoint, trained, cfg.ema_decay), path)
         rows = {"trained": {"checkpoint": str(path), **score(str(path), args.data)}}
-        recipe = {"decay": cfg.ema_decay, "power": cfg.ema_warmup_power}
-        recipe["final_decay"] = final_decay(cfg.ema_decay, cfg.ema_warmup_power, steps)
+        recipe = {
+            "decay": cfg.ema_decay,
+            "power": cfg.ema_warmup_power,
+            "gamma": cfg.ema_warmup_gamma,
+            "final_decay": final_decay(
+                cfg.ema_decay, cfg.ema_warmup_power, steps, cfg.ema_warmup_gamma
+            ),
+        }
         rows["recipe_ema"] = {**recipe, "checkpoint": tested, **score(tested, args.data)}
     else:
         rows = {"trained": {"checkpoint": tested, **score(tested, args.data)}}

@@ -42,6 +42,7 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         ("ema_decay", 1.0, r"--ema-decay must be in \[0, 1\) \(0: no EMA\), got 1.0"),
         ("ema_decay", -0.5, "--ema-decay must be in"),
         ("ema_warmup_power", 0.0, "--ema-warmup-power must be more than 0, got 0.0"),
+        ("ema_warmup_gamma", -1.0, "--ema-warmup-gamma must be more than 0, got -1.0"),
         ("label_smoothing", 1.0, r"--label-smoothing must be in \[0, 1\), got 1.0"),
         ("warmup_epochs", -1, "--warmup-epochs must be 0 or more, got -1"),
         ("min_lr_ratio", 2, r"min_lr_ratio must be in \[0, 1\], got 2"),

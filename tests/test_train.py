@@ -1323,6 +1323,16 @@ def test_ema_warmup_power_sets_when_the_decay_reaches_ema_decay():
     assert default.ema.get_decay(step=11) == pytest.approx(1 - 11 ** (-2 / 3))
     assert default.ema.get_decay(step=11) < 0.9
     assert make_config("demo").ema_warmup_power == pytest.approx(2 / 3)
+    # gamma 10: the mean of about a tenth of the steps so far, never capped at 0.9999
+    tenth = CvTClassifier(
+        "cvt_seed",
+        {"num_classes": 3},
+        ["a", "b", "c"],
+        ema_decay=0.9999,
+        ema_warmup_power=1.0,
+        ema_warmup_gamma=10.0,
+    )
+    assert 1 / (1 - tenth.ema.get_decay(step=10_001)) == pytest.approx(1_001)
 
 
 def test_a_non_finite_loss_flag_blocks_any_checkpoint_save():

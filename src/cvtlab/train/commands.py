@@ -37,12 +37,17 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--ema-decay",
         type=float,
         help="the weight EMA's decay, e.g. 0.999 (0: off), reached through the warm-up "
-        "1 - (1 + step)^-power",
+        "1 - (1 + step/gamma)^-power",
     )
     p.add_argument(
         "--ema-warmup-power",
         type=float,
         help="the EMA warm-up's power: 1 reaches --ema-decay D after 1/(1-D) steps (default 2/3)",
+    )
+    p.add_argument(
+        "--ema-warmup-gamma",
+        type=float,
+        help="the EMA warm-up's gamma: with power 1 it averages about 1/gamma of the steps so far",
     )
     p.add_argument(
         "--whiten-stem",
@@ -131,6 +136,7 @@ _FLAG_KEYS = [
     "label_smoothing",
     "ema_decay",
     "ema_warmup_power",
+    "ema_warmup_gamma",
     "whiten_stem",
     "out",
     "seed",

@@ -43,10 +43,13 @@ class TrainConfig:
     grad_clip: float | None = 5.0
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0 turns the weight EMA off
-    # The EMA's decay at step s is min(ema_decay, 1 - (1 + s)^-power): with 1 the plain mean of
-    # the steps so far until the cap (0.999 after 1,000 steps); timm's 2/3 reaches 0.999 only
-    # after 31,623, so a shorter run ends averaging fewer steps than the cap says.
+    # The EMA's decay at step s is min(ema_decay, 1 - (1 + s/gamma)^-power): with power 1 the
+    # plain mean of the steps so far until the cap (0.999 after 1,000 steps); timm's 2/3 reaches
+    # 0.999 only after 31,623, so a shorter run ends averaging fewer steps than the cap says.
+    # With power 1 and gamma G the average spans about 1/G of the steps so far until the cap: a
+    # span that shortens with the run on a slower machine.
     ema_warmup_power: float = 2 / 3
+    ema_warmup_gamma: float = 1.0
     # Start the stem's filters as whitened principal components of the first training images'
     # patches (train/whitening.py) instead of random ones; not with pretrained weights.
     whiten_stem: bool = False
@@ -119,6 +122,10 @@ class TrainConfig:
         if self.ema_warmup_power <= 0:
             raise CvtLabError(
                 f"--ema-warmup-power must be more than 0, got {self.ema_warmup_power}"
+            )
+        if self.ema_warmup_gamma <= 0:
+            raise CvtLabError(
+                f"--ema-warmup-gamma must be more than 0, got {self.ema_warmup_gamma}"
             )
         if not 0 <= self.label_smoothing < 1:
             raise CvtLabError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")

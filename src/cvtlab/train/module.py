@@ -120,6 +120,7 @@ class CvTClassifier(L.LightningModule):
         label_smoothing: float = 0.1,
         ema_decay: float = 0.0,
         ema_warmup_power: float = 2 / 3,
+        ema_warmup_gamma: float = 1.0,
         augment: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -139,10 +140,16 @@ class CvTClassifier(L.LightningModule):
         self.augment = BatchAugment(AugmentConfig(**(augment or {})), self.num_classes)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        # With the warm-up the decay at step s is min(ema_decay, 1 - (1 + s)^-power), so the
-        # random start fades from the average at once (TrainConfig.ema_warmup_power).
+        # With the warm-up the decay at step s is min(ema_decay, 1 - (1 + s/gamma)^-power), so
+        # the random start fades from the average at once (TrainConfig.ema_warmup_power).
         self.ema = (
-            ModelEmaV3(self.model, decay=ema_decay, use_warmup=True, warmup_power=ema_warmup_power)
+            ModelEmaV3(
+                self.model,
+                decay=ema_decay,
+                use_warmup=True,
+                warmup_power=ema_warmup_power,
+                warmup_gamma=ema_warmup_gamma,
+            )
             if ema_decay > 0
             else None
         )

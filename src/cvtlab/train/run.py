@@ -296,6 +296,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         label_smoothing=cfg.label_smoothing,
         ema_decay=cfg.ema_decay,
         ema_warmup_power=cfg.ema_warmup_power,
+        ema_warmup_gamma=cfg.ema_warmup_gamma,
         augment=cfg.to_dict()["augment"] | {"label_smoothing": cfg.label_smoothing},
         channels_last=cfg.channels_last,
         compile=cfg.compile,
