@@ -69,7 +69,7 @@ def final_decay(decay: float, power: float, steps: int, gamma: float = 1.0) -> f
 
 
 class KeepAverages(Callback):
-    """Updates one ``ModelEmaV3`` per (decay, power) after every optimiser step, as the
+    """Updates one ``ModelEmaV3`` per (decay, power, gamma) after every optimiser step, as the
     module updates its own EMA."""
 
     def __init__(self, specs: list[tuple[float, float, float]]):
@@ -94,6 +94,11 @@ class KeepAverages(Callback):
         for ema in self.averages.values():
             ema.update(module.model, step=trainer.global_step)
         self.update_seconds += time.perf_counter() - start
+
+
+def weights_under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a checkpoint's state dict under ``prefix``, named without it."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def with_average(checkpoint: dict, weights: dict[str, torch.Tensor], decay: float) -> dict:
@@ -121,7 +126,7 @@ def main(argv=None) -> dict:
         type=parse_average,
         action="append",
         required=True,
-        help="DECAY:POWER of an EMA kept beside the recipe's (repeat for several)",
+        help="DECAY:POWER[:GAMMA] of an EMA kept beside the recipe's (repeat for several)",
     )
     p.add_argument("--out", default=None)
     p.add_argument("--json", help="write the result to this file")
@@ -141,11 +146,7 @@ def main(argv=None) -> dict:
     steps = int(metrics["steps"])
     tested = metrics["test_checkpoint"]
     checkpoint = torch.load(tested, map_location="cpu", weights_only=True)
-    trained = {
-        k.removeprefix("model."): v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith("model.")
-    }
+    trained = weights_under(checkpoint["state_dict"], "model.")
     if cfg.ema_decay > 0:
         # The recipe's checkpoint serves its EMA; the trained weights get one of their own.
         path = out / "trained.ckpt"
@@ -162,11 +163,7 @@ def main(argv=None) -> dict:
         rows["recipe_ema"] = {**recipe, "checkpoint": tested, **score(tested, args.data)}
     else:
         rows = {"trained": {"checkpoint": tested, **score(tested, args.data)}}
-    recipe_ema = {
-        k.removeprefix("ema.module."): v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith("ema.module.")
-    }
+    recipe_ema = weights_under(checkpoint["state_dict"], "ema.module.")
     for (decay, power, gamma), (name, ema) in zip(args.average, keep.averages.items()):
         weights = ema.module.state_dict()
         path = out / f"average-{name.replace(':', '-')}.ckpt"
