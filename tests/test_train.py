@@ -233,6 +233,7 @@ def test_ema_run_validates_tests_and_serves_the_averaged_weights(shapes_small, t
 
     out = tmp_path / "ema"
     flags = ["--ema-decay", "0.9", "--weight-decay", "0.01", "--label-smoothing", "0.05"]
+    flags += ["--ema-warmup-power", "1", "--ema-warmup-gamma", "2"]
     r = run_cli_here(
         "train", "--config", recipe(tmp_path), "--data", str(shapes_small), "--epochs", "2",
         "--out", str(out), "--warmup-epochs", "0.25", *flags, *FAST,
@@ -244,7 +245,10 @@ def test_ema_run_validates_tests_and_serves_the_averaged_weights(shapes_small, t
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "val_top1" in header and "val_top1_raw" in header
 
+    assert (saved["ema_warmup_power"], saved["ema_warmup_gamma"]) == (1.0, 2.0)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert (hparams["ema_warmup_power"], hparams["ema_warmup_gamma"]) == (1.0, 2.0)
     state = ckpt["state_dict"]
     ema = {k[len("ema.module.") :]: v for k, v in state.items() if k.startswith("ema.module.")}
     raw = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
