@@ -288,6 +288,26 @@ def test_last_block_skips_the_tokens_the_head_never_reads(name, overrides):
     assert row["output_shape"][0] == 17 and model.skip_unread_tokens
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_class_token_joins_the_projections_before_them_without_a_gradient(training):
+    """Without a gradient the class token goes through each query, key and value product with
+    the map tokens (one product); with one, through its own product first. Same outputs."""
+    torch.manual_seed(0)
+    model = cvtlab.create_model("cvt_13", num_classes=10, img_size=64).train(training)
+    x = torch.randn(4, 3, 64, 64)
+    rows = []
+    model.stage2.blocks[0].attn.proj_k.register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape[1])
+    )
+    outputs = []
+    for grad in (True, False):
+        torch.manual_seed(1)
+        with torch.set_grad_enabled(grad):
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[1], outputs[0].detach(), rtol=1e-5, atol=1e-5)
+    assert rows == [1, 4, 5]  # the class token, the 2x2 keys; then all five at once
+
+
 def test_mean_pooled_head_computes_every_token():
     model = cvtlab.create_model("cvt_xs_64", cls_token=False).eval()
     calls = []

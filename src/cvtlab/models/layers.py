@@ -191,19 +191,24 @@ class ConvAttention(nn.Module):
                 else getattr(self, f"conv_proj_{name}")(grid).flatten(2).transpose(1, 2)
                 for name in self.projections
             ]
-        # The class token joins after the linear projections, not before: the same result, but
-        # each token map then gets a whole, channels-last gradient back. A gradient sliced out of
-        # a concatenation has other strides than the BatchNorm's input, which sends its backward
-        # down a path several times slower on CPUs.
         qkv = []
         for name, t in zip(self.projections, maps):
             lin = getattr(self, f"proj_{name}")
             if t is None:
                 out = lin(cls_token)
-            elif self.with_cls_token:
+            elif not self.with_cls_token:
+                out = lin(t)
+            elif torch.is_grad_enabled():
+                # In training the class token joins after the linear projections: each token
+                # map then gets a whole, channels-last gradient back. A gradient sliced out of a
+                # concatenation has other strides than the BatchNorm's input, which sends its
+                # backward down a path several times slower on CPUs.
                 out = torch.cat((lin(cls_token), lin(t)), dim=1)
             else:
-                out = lin(t)
+                # Without a gradient it joins before: one product over every token instead of
+                # a one-row product per image and a concatenation of outputs (1.4-3.7% faster
+                # CvT-13 inference at 64 px on a CPU; benchmarks/RESULTS.md, attempt 38).
+                out = lin(torch.cat((cls_token, t), dim=1))
             qkv.extend(out.chunk(len(name), dim=-1))
         if cls_only:
             qkv[0] = qkv[0][:, :1]
