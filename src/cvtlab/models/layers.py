@@ -206,8 +206,8 @@ class ConvAttention(nn.Module):
                 out = torch.cat((lin(cls_token), lin(t)), dim=1)
             else:
                 # Without a gradient it joins before: one product over every token instead of
-                # a one-row product per image and a concatenation of outputs (1.4-3.7% faster
-                # CvT-13 inference at 64 px on a CPU; benchmarks/RESULTS.md, attempt 38).
+                # a one-row product per image and a concatenation of outputs (1-2% faster bf16
+                # inference of CvT-13 at 64 px on a CPU; benchmarks/RESULTS.md, attempt 38).
                 out = lin(torch.cat((cls_token, t), dim=1))
             qkv.extend(out.chunk(len(name), dim=-1))
         if cls_only:
