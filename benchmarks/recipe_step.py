@@ -75,7 +75,13 @@ def time_phase(cfg, size, batch, precision, steps, repeats, warmup) -> dict:
     # A small rate keeps repeated steps on one batch from driving the weights anywhere odd; the
     # step's cost does not depend on it.
     optimizer = make_optimizer(
-        model, cfg.optimizer, 1e-4, cfg.weight_decay, precision=precision, muon_exact=cfg.muon_exact
+        model,
+        cfg.optimizer,
+        1e-4,
+        cfg.weight_decay,
+        precision=precision,
+        muon_exact=cfg.muon_exact,
+        muon_polynomials=cfg.muon_polynomials,
     )
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 200, (batch,))

@@ -37,6 +37,10 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         make_config(matmul_precision="tf32")
     with pytest.raises(CvtLabError, match="--lr-decay must be cosine or linear, not 'step'"):
         make_config(lr_decay="step")
+    with pytest.raises(
+        CvtLabError, match="muon_polynomials must be quintic or polar_express, not 'newton'"
+    ):
+        make_config(muon_polynomials="newton")
     for key, value, message in [
         ("weight_decay", -0.1, "--weight-decay must be 0 or more, got -0.1"),
         ("ema_decay", 1.0, r"--ema-decay must be in \[0, 1\) \(0: no EMA\), got 1.0"),
@@ -106,6 +110,9 @@ def test_recipe_numbers_take_their_fields_types_or_fail_in_one_line(tmp_path):
     assert (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.003, 0.0, 12)
     assert isinstance(cfg.epochs, int) and isinstance(cfg.weight_decay, float)
     assert make_config(recipe_with("whiten_stem: yes\nmuon_exact: false")).whiten_stem is True
+    polar = make_config(recipe_with("optimizer: muon\nmuon_polynomials: polar_express"))
+    assert polar.muon_polynomials == "polar_express"
+    assert make_config(recipe_with("optimizer: muon")).muon_polynomials == "quintic"
     for text, message in [
         ("batch_size: 96.5", "batch_size must be a whole number, not 96.5"),
         ("epochs: ten", "epochs must be a whole number, not 'ten'"),

@@ -10,6 +10,7 @@ from cvtlab import create_model
 from cvtlab.train import muon
 from cvtlab.train.module import param_groups
 from cvtlab.train.muon import (
+    NEWTON_SCHULZ,
     MuonAdamW,
     _iterate,
     _iterate_on_gram,
@@ -48,7 +49,10 @@ def test_the_gram_form_gives_the_iterations_result():
     x = u @ torch.diag(s) @ v.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True)
     for steps in (0, 1, 5):
-        torch.testing.assert_close(_iterate_on_gram(x, steps), _iterate(x, steps))
+        for polynomials in NEWTON_SCHULZ.values():
+            torch.testing.assert_close(
+                _iterate_on_gram(x, steps, polynomials), _iterate(x, steps, polynomials)
+            )
     # In fp32, through orthogonalize, tall or wide: within rounding of the fp64 iteration.
     reference = _iterate(x, 5)
     for update, expected in ((x, reference), (x.mT, reference.mT)):
@@ -67,11 +71,17 @@ def test_the_spectral_form_gives_the_iterations_result(monkeypatch):
     x = u @ torch.diag(s) @ v.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True)
     for steps in (0, 1, 5):
-        torch.testing.assert_close(_iterate_on_spectrum(x, steps), _iterate(x, steps))
+        for polynomials in NEWTON_SCHULZ.values():
+            torch.testing.assert_close(
+                _iterate_on_spectrum(x, steps, polynomials), _iterate(x, steps, polynomials)
+            )
     taken, spectral = [], muon._iterate_on_spectrum
-    monkeypatch.setattr(
-        muon, "_iterate_on_spectrum", lambda x, steps: taken.append(x.shape) or spectral(x, steps)
-    )
+
+    def watched(x, steps, polynomials):
+        taken.append(x.shape)
+        return spectral(x, steps, polynomials)
+
+    monkeypatch.setattr(muon, "_iterate_on_spectrum", watched)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -140,6 +150,69 @@ def test_muon_exact_reaches_the_optimiser_from_the_configuration():
         )
         module.trainer = L.Trainer(accelerator="cpu", logger=False)
         assert module.configure_optimizers()["optimizer"].exact is exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 200), (200, 64)])
+def test_polar_express_lands_the_singular_values_closer_to_one(shape, dtype):
+    """``muon_polynomials: polar_express``: the same five steps, one polynomial per step, leave
+    every singular value above 2e-3 of the update's norm within 0.85-1.15 of one, where the
+    quintic leaves them in 0.68-1.2; the singular vectors stay the update's."""
+    torch.manual_seed(0)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+    s = torch.logspace(0, -3, k)
+    g = (u @ torch.diag(s) @ v.T).to(dtype)
+    resolved = s / s.norm() >= 2e-3
+    within = {}
+    for name, polynomials in NEWTON_SCHULZ.items():
+        o = orthogonalize(g, polynomials=polynomials)
+        assert o.shape == g.shape and o.dtype == dtype
+        within[name] = torch.diagonal(u.T @ o.float() @ v)
+        assert (within[name] > 0).all()
+    polar, quintic = within["polar_express"][resolved], within["quintic"][resolved]
+    assert polar.min() > 0.85 and polar.max() < 1.15, polar
+    assert quintic.min() < 0.7 and quintic.max() > 1.19, quintic
+    assert (polar - 1).abs().mean() < 0.6 * (quintic - 1).abs().mean()
+    # Directions far below the rest are lifted more, not less, than by the quintic.
+    assert (within["polar_express"][~resolved] > within["quintic"][~resolved]).all()
+
+
+def test_muon_polynomials_reach_the_optimiser_from_the_configuration():
+    import lightning as L
+
+    from cvtlab.train.module import CvTClassifier
+
+    steps = {}
+    for name in ("quintic", "polar_express"):
+        module = CvTClassifier(
+            "cvt_seed",
+            {"num_classes": 3},
+            ["a", "b", "c"],
+            optimizer="muon",
+            muon_polynomials=name,
+        )
+        module.trainer = L.Trainer(accelerator="cpu", logger=False)
+        optimizer = module.configure_optimizers()["optimizer"]
+        assert optimizer.polynomials == name
+        # One step from the same weights and gradient: the polynomials are the ones applied.
+        torch.manual_seed(0)
+        layer = nn.Linear(48, 32, bias=False)
+        layer.weight.grad = torch.randn(32, 48)
+        before = layer.weight.detach().clone()
+        MuonAdamW(
+            [{"params": [layer.weight], "muon": True}], lr=0.1, weight_decay=0, polynomials=name
+        ).step()
+        steps[name] = before - layer.weight.detach()
+        expected = orthogonalize(layer.weight.grad, polynomials=NEWTON_SCHULZ[name])
+        # Nesterov momentum from a zero buffer: the first step's direction is the gradient's.
+        torch.testing.assert_close(
+            steps[name] / steps[name].norm(), expected / expected.norm(), rtol=0, atol=1e-5
+        )
+    assert not torch.allclose(steps["quintic"], steps["polar_express"], atol=1e-4)
+    with pytest.raises(ValueError, match="not 'newton'"):
+        MuonAdamW([{"params": [layer.weight], "muon": True}], polynomials="newton")
 
 
 def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix():

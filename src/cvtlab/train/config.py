@@ -11,6 +11,7 @@ import yaml
 
 from ..data.augment import AugmentConfig
 from ..errors import CvtLabError
+from .muon import NEWTON_SCHULZ
 
 
 @dataclass
@@ -36,6 +37,9 @@ class TrainConfig:
     # with muon: orthogonalise its updates exactly (an eigendecomposition) instead of by five
     # Newton-Schulz iterations, which leave the singular values anywhere in about 0.7-1.2
     muon_exact: bool = False
+    # with muon: the iterations' polynomials, "quintic" (the same each step) or "polar_express"
+    # (one per step, which lands the singular values closer to one for the same products)
+    muon_polynomials: str = "quintic"
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 5.0
     min_lr_ratio: float = 0.01
@@ -139,6 +143,11 @@ class TrainConfig:
             )
         if self.optimizer not in ("adamw", "muon"):
             raise CvtLabError(f"--optimizer must be adamw or muon, not {self.optimizer!r}")
+        if self.muon_polynomials not in NEWTON_SCHULZ:
+            raise CvtLabError(
+                f"muon_polynomials must be {' or '.join(NEWTON_SCHULZ)}, "
+                f"not {self.muon_polynomials!r}"
+            )
         if self.lr_decay not in ("cosine", "linear"):
             raise CvtLabError(f"--lr-decay must be cosine or linear, not {self.lr_decay!r}")
         if self.test_checkpoint not in ("best", "last"):

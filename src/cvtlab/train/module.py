@@ -65,6 +65,7 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     precision: str = "32",
     muon_exact: bool = False,
+    muon_polynomials: str = "quintic",
 ) -> torch.optim.Optimizer:
     """The optimiser a run trains ``model`` with: ``kind`` ``"adamw"`` or ``"muon"``
     (:class:`~cvtlab.train.muon.MuonAdamW` over :func:`param_groups`), set up for the run's
@@ -77,6 +78,8 @@ def make_optimizer(
         extra["ns_dtype"] = torch.bfloat16
     if muon and muon_exact:
         extra["exact"] = True
+    if muon:
+        extra["polynomials"] = muon_polynomials
     # The fused kernel updates every tensor in one pass: 3-4x faster than the per-op (foreach)
     # AdamW on a CPU, and a handful of launches instead of dozens on a GPU. Lightning cannot clip
     # gradients for an optimiser that unscales fp16 gradients itself, so fp16 mixed precision
@@ -113,6 +116,7 @@ class CvTClassifier(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         optimizer: str = "adamw",
         muon_exact: bool = False,
+        muon_polynomials: str = "quintic",
         warmup_steps: int = 0,
         total_steps: int = 1,
         min_lr_ratio: float = 0.01,
@@ -423,6 +427,7 @@ class CvTClassifier(L.LightningModule):
             betas=tuple(hp.betas),
             precision=precision,
             muon_exact=hp.get("muon_exact", False),
+            muon_polynomials=hp.get("muon_polynomials", "quintic"),
         )
 
         def lr_factor(_: int) -> float:

@@ -22,15 +22,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-# The quintic iteration's coefficients from the Muon write-up: a steep slope at zero, so that five
-# steps lift even small singular values, at the price of landing them anywhere in about 0.5-1.5,
-# which the method's authors found trains as well as exact orthogonalisation.
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+@dataclass(frozen=True)
+class Polynomials:
+    """The odd polynomials of the Newton-Schulz steps, x <- ax + b(xx^T)x + c(xx^T)^2 x: one
+    (a, b, c) per step, the last repeating for any further step. Before the first step the update
+    is divided by its Frobenius norm times ``margin``."""
+
+    coefficients: tuple[tuple[float, float, float], ...]
+    margin: float = 1.0
+
+    def at(self, step: int) -> tuple[float, float, float]:
+        return self.coefficients[min(step, len(self.coefficients) - 1)]
+
+
+NEWTON_SCHULZ = {
+    # The Muon write-up's quintic, the same every step: a steep slope at zero, so that five steps
+    # lift even small singular values, at the price of landing them anywhere in about 0.7-1.2,
+    # which the method's authors found trains as well as exact orthogonalisation.
+    "quintic": Polynomials(((3.4445, -4.7750, 2.0315),)),
+    # Polar Express (Amsel et al., 2025): a polynomial per step, each the best one for the
+    # interval the singular values can still lie in, with the 2% margin the published five-step
+    # schedule assumes. For the same products it lands singular values from 1e-3 of the largest
+    # up in about 0.85-1.14 (the quintic: 0.47-1.20).
+    "polar_express": Polynomials(
+        (
+            (8.156554524902461, -22.48329292557795, 15.878769915207462),
+            (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+            (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+            (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+            (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+        ),
+        margin=1.02,
+    ),
+}
+QUINTIC = NEWTON_SCHULZ["quintic"]
 
 # Where the iterations run in fp32 or fp64, a matrix at least this many times as long as it is
 # wide is iterated on its Gram matrix (``_iterate_on_gram``); a benchmark may set it to infinity.
@@ -53,13 +85,18 @@ EXACT_FLOOR = 2e-3
 
 
 def orthogonalize(
-    update: Tensor, steps: int = 5, dtype: torch.dtype | None = None, exact: bool = False
+    update: Tensor,
+    steps: int = 5,
+    dtype: torch.dtype | None = None,
+    exact: bool = False,
+    polynomials: Polynomials = QUINTIC,
 ) -> Tensor:
     """The matrix with ``update``'s singular vectors and singular values near one, computed in
     ``dtype`` (by default bf16 on GPUs, fp32 on CPUs). A stack of matrices (``batch x rows x
     cols``) is orthogonalised matrix by matrix, in one batched product per step. ``exact`` sets
     the singular values to one (``EXACT_FLOOR``) through an eigendecomposition, in fp32 at least,
-    instead of ``steps`` Newton-Schulz iterations."""
+    instead of ``steps`` Newton-Schulz iterations with ``polynomials`` (one of
+    ``NEWTON_SCHULZ``)."""
     dtype = dtype or (torch.bfloat16 if update.is_cuda else torch.float32)
     if exact and dtype not in (torch.float32, torch.float64):
         dtype = torch.float32  # no eigendecomposition in half precision
@@ -71,34 +108,34 @@ def orthogonalize(
     if not wide:  # the Gram matrix of the shorter side is the cheaper one
         x = x.mT
     # The spectral norm is at most the Frobenius norm.
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * polynomials.margin).clamp(min=1e-7)
     rows, cols = x.shape[-2:]
     full_precision = x.dtype in (torch.float32, torch.float64)
     large = rows >= SPECTRAL_FORM_MIN_ROWS and cols >= SPECTRAL_FORM_MIN_COLS
     if exact:
         # A non-finite update, which the eigendecomposition refuses, keeps to its own matrix.
-        x = _map_spectrum(x, _exact_scale, fallback=lambda: _iterate(x, steps))
+        x = _map_spectrum(x, _exact_scale, fallback=lambda: _iterate(x, steps, polynomials))
     elif full_precision and large and x.device.type == "cpu" and torch.get_num_threads() == 1:
-        x = _iterate_on_spectrum(x, steps)
+        x = _iterate_on_spectrum(x, steps, polynomials)
     elif full_precision and cols >= GRAM_FORM_MIN_ASPECT * rows:
-        x = _iterate_on_gram(x, steps)
+        x = _iterate_on_gram(x, steps, polynomials)
     else:
-        x = _iterate(x, steps)
+        x = _iterate(x, steps, polynomials)
     if not wide:
         x = x.mT
     return (x if stacked else x.squeeze(0)).to(update.dtype)
 
 
-def _iterate(x: Tensor, steps: int) -> Tensor:
+def _iterate(x: Tensor, steps: int, polynomials: Polynomials = QUINTIC) -> Tensor:
     """Newton-Schulz on a stack of wide matrices: x <- (aI + bG + cG^2)x, G = xx^T."""
-    a, b, c = NS_COEFFICIENTS
-    for _ in range(steps):
+    for step in range(steps):
+        a, b, c = polynomials.at(step)
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x
 
 
-def _iterate_on_gram(x: Tensor, steps: int) -> Tensor:
+def _iterate_on_gram(x: Tensor, steps: int, polynomials: Polynomials = QUINTIC) -> Tensor:
     """The same iterations, run on the m x m Gram matrix of a wide m x n stack, then applied
     with one product: each step's polynomial P = aI + bG + cG^2 is a polynomial of the first
     Gram matrix, so they all commute and the next Gram matrix is P G P = P(PG). Five steps
@@ -106,11 +143,11 @@ def _iterate_on_gram(x: Tensor, steps: int) -> Tensor:
     less for the 256 x 768 and 256 x 1,152 weights of the 30-minute recipe (RESULTS, thirty-third
     session). Only in fp32 or fp64: in bf16 the Gram matrices' rounding compounds and badly
     conditioned updates come out with singular values far above one."""
-    a, b, c = NS_COEFFICIENTS
     gram = x @ x.mT
     eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
     product = None
     for step in range(steps):
+        a, b, c = polynomials.at(step)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c).add_(eye, alpha=a)
         product = poly if product is None else poly @ product
         if step < steps - 1:
@@ -118,7 +155,7 @@ def _iterate_on_gram(x: Tensor, steps: int) -> Tensor:
     return x if product is None else product @ x
 
 
-def _iterate_on_spectrum(x: Tensor, steps: int) -> Tensor:
+def _iterate_on_spectrum(x: Tensor, steps: int, polynomials: Polynomials = QUINTIC) -> Tensor:
     """The same iterations, applied to the singular values of a wide m x n stack: each step maps
     every singular value on its own (s <- as + bs^3 + cs^5) and keeps the singular vectors, so
     with the Gram matrix's eigendecomposition xx^T = U diag(s^2) U^T the result is
@@ -126,18 +163,20 @@ def _iterate_on_spectrum(x: Tensor, steps: int) -> Tensor:
     eigendecomposition, against _iterate_on_gram's 4m^2·n + 34m^3: on one thread of an AMD
     Zen 3, 1.1-1.3x faster for 256-row weights and 1.4-1.7x for 384 and 512 (RESULTS). Not on
     GPUs, whose batched eigendecompositions of this size are slow."""
-    a, b, c = NS_COEFFICIENTS
 
     def iterations_scale(s: Tensor) -> Tensor:
         scale = torch.ones_like(s)
-        for _ in range(steps):
+        for step in range(steps):
+            a, b, c = polynomials.at(step)
             # Each step's factor f(s)/s = a + bs^2 + cs^4 stays finite at s = 0.
             factor = a + s.square() * (b + c * s.square())
             scale = scale * factor
             s = s * factor
         return scale
 
-    return _map_spectrum(x, iterations_scale, fallback=lambda: _iterate_on_gram(x, steps))
+    return _map_spectrum(
+        x, iterations_scale, fallback=lambda: _iterate_on_gram(x, steps, polynomials)
+    )
 
 
 def _exact_scale(s: Tensor) -> Tensor:
@@ -167,8 +206,10 @@ class MuonAdamW(torch.optim.Optimizer):
     2025, "Muon is scalable"), so the learning rate and schedule tuned for AdamW carry over.
     ``ns_dtype`` is the dtype of the orthogonalising products (default: bf16 on GPUs, fp32 on
     CPUs); a speed setting of the machine, so it is not part of the saved state. ``exact``
-    orthogonalises exactly (``orthogonalize``) instead of by Newton-Schulz iterations; a run's
-    configuration sets it again on resume, so it is not saved either.
+    orthogonalises exactly (``orthogonalize``) instead of by Newton-Schulz iterations, and
+    ``polynomials`` names the iterations' coefficients (``NEWTON_SCHULZ``: ``"quintic"`` or
+    ``"polar_express"``); a run's configuration sets both again on resume, so they are not saved
+    either.
     """
 
     def __init__(
@@ -183,6 +224,7 @@ class MuonAdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         ns_dtype: torch.dtype | None = None,
         exact: bool = False,
+        polynomials: str = "quintic",
     ):
         defaults = dict(
             lr=lr,
@@ -197,6 +239,11 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
         self.exact = exact
+        if polynomials not in NEWTON_SCHULZ:
+            raise ValueError(
+                f"Muon's polynomials must be one of {', '.join(NEWTON_SCHULZ)}, not {polynomials!r}"
+            )
+        self.polynomials = polynomials
         for group in self.param_groups:
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):
                 raise ValueError("Muon groups take weight matrices and filters, not vectors")
@@ -237,7 +284,13 @@ class MuonAdamW(torch.optim.Optimizer):
             stack = torch.stack(
                 [matrices[i].T if t else matrices[i] for i, t in zip(members, tall)]
             )
-            updates = orthogonalize(stack, group["ns_steps"], self.ns_dtype, self.exact)
+            updates = orthogonalize(
+                stack,
+                group["ns_steps"],
+                self.ns_dtype,
+                self.exact,
+                NEWTON_SCHULZ[self.polynomials],
+            )
             updates = updates.unbind(0)
             torch._foreach_add_(
                 [params[i] for i in members],

@@ -289,6 +289,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         betas=cfg.betas,
         optimizer=cfg.optimizer,
         muon_exact=cfg.muon_exact,
+        muon_polynomials=cfg.muon_polynomials,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
         total_steps=cfg.epochs * steps_per_epoch,
         min_lr_ratio=cfg.min_lr_ratio,
