@@ -212,6 +212,7 @@ def test_out_paths_that_cannot_be_written_are_one_line(trained, shapes_small, tm
     cases = [
         (["export", "--format", "onnx", "--out", str(tmp_path)], "is a folder; name the file"),
         (["export", "--format", "safetensors", "--out", str(a_file / "m.st")], "is a file"),
+        (["export", "--out", str(tmp_path / "m.pt")], "name a .safetensors or .onnx file"),
         (["train", "--data", str(shapes_small), "--out", str(a_file)], "run folder must be a"),
         (["train", "--data", str(shapes_small), "--out", str(a_file / "run")], "is a file"),
     ]
@@ -525,15 +526,8 @@ def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
     out, _ = trained
     ckpt = out / "checkpoints" / "best.ckpt"
     # The run folder stands for the checkpoint its test scored: best.ckpt under the default rule.
-    r = run_cli(
-        "export",
-        "--checkpoint",
-        str(out),
-        "--format",
-        "safetensors",
-        "--out",
-        str(tmp_path / "m.safetensors"),
-    )
+    # Without --format the suffix of --out names it.
+    r = run_cli("export", "--checkpoint", str(out), "--out", str(tmp_path / "m.safetensors"))
     assert r.returncode == 0, r.stderr
     r = run_cli(
         "export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")
@@ -544,6 +538,9 @@ def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
     reference = load_predictor(ckpt).model
     exported = cvtlab.from_pretrained(tmp_path / "m.safetensors").eval()
     assert exported.class_names[0] == "disc"
+    # Both files are readable as any file written here is (safetensors alone makes them 0600).
+    modes = {(tmp_path / name).stat().st_mode & 0o777 for name in ("m.safetensors", "m.onnx")}
+    assert len(modes) == 1, modes
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     for batch in (1, 3):
         x = torch.randn(batch, 3, 64, 64)

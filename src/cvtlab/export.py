@@ -11,8 +11,18 @@ from .errors import CvtLabError, check_creatable
 from .inference import load_predictor
 from .models.pretrained import save_weights
 
+FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path, opset: int = 17) -> Path:
+
+def export(
+    checkpoint: str | Path, out: str | Path, fmt: str | None = None, opset: int = 17
+) -> Path:
+    """Write ``checkpoint``'s model to ``out`` as ``fmt`` (``"safetensors"`` or ``"onnx"``; by
+    default the one ``out``'s suffix names) and return the path written."""
+    if fmt is None:
+        fmt = FORMATS.get(Path(out).suffix.lower())
+        if fmt is None:
+            raise CvtLabError(f"--out {out}: name a .safetensors or .onnx file, or give --format")
     if fmt not in ("safetensors", "onnx"):
         raise CvtLabError(f"--format must be safetensors or onnx, not {fmt!r}")
     if fmt == "onnx":

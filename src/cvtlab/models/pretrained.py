@@ -7,6 +7,7 @@ Every file is read with ``weights_only=True`` or as safetensors: nothing is unpi
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -273,5 +274,10 @@ def save_weights(model: nn.Module, path: str | Path, class_names: list[str] | No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=meta)
+    # safetensors creates its files readable by their owner alone; an export is made to be
+    # shared, so it gets the permissions any file written here gets (the umask's).
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)
     tmp.replace(path)
     return path

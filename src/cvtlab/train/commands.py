@@ -427,7 +427,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> None:
     from ..export import export
 
-    print(export(args.checkpoint, args.format, args.out))
+    print(export(args.checkpoint, args.out, args.format))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -505,7 +505,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="export weights as safetensors or ONNX")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--format", choices=["safetensors", "onnx"], required=True)
+    p.add_argument(
+        "--format",
+        choices=["safetensors", "onnx"],
+        default=None,
+        help="by default the one --out's suffix names (.safetensors, .onnx)",
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_export)
 
