@@ -79,6 +79,23 @@ def test_real_zip_info_json(tiny_decoded):
     assert info["splits"] == {"train": 100000, "val": 10000, "test": 2000}
     assert info["grayscale"]["train"] == 1821
     assert info["skipped"] == []
+    assert info["unlabelled"] == ["test"]
+
+
+def test_data_info_tells_which_splits_have_no_labels(shapes_small, tmp_path):
+    """Tiny ImageNet's test folder carries no labels; a folder's test split of class folders
+    does."""
+    r = run_cli("data", "info", str(shapes_small))
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:4]}
+    assert lines["test"].endswith("no labels") and "no labels" not in lines["val"]
+    from cvtlab.data.commands import info
+
+    root = tmp_path / "photos"
+    for name in ("train/cat/a.jpg", "train/dog/b.jpg", "test/cat/c.jpg", "test/dog/d.jpg"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(_jpeg())
+    assert info(str(root))["unlabelled"] == []
 
 
 @pytest.mark.slow

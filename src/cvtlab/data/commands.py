@@ -13,11 +13,14 @@ def info(data: str, img_size: int = 64) -> dict:
 
     d = open_decoded(resolve_data(data), img_size)
     m = d.manifest
+    splits = {k: b - a for k, (a, b) in m["splits"].items()}
     return {
         "path": str(m["source"]),
         "kind": m["kind"],
         "classes": len(m["classes"]),
-        "splits": {k: b - a for k, (a, b) in m["splits"].items()},
+        "splits": splits,
+        # A split without labels (Tiny ImageNet's test folder) serves prediction only.
+        "unlabelled": [k for k, n in splits.items() if n and (d.split(k)[1] < 0).all()],
         "grayscale": m["grayscale"],
         "modes": m.get("modes", {}),
         "sizes": m.get("sizes", {}),
@@ -33,7 +36,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         return
     print(f"{report['path']} ({report['kind']}): {report['classes']} classes")
     for split, n in report["splits"].items():
-        print(f"  {split:<6} {n:>7} images, {report['grayscale'].get(split, 0)} grayscale")
+        note = ", no labels" if split in report["unlabelled"] else ""
+        print(f"  {split:<6} {n:>7} images, {report['grayscale'].get(split, 0)} grayscale{note}")
     print("  modes: " + ", ".join(f"{k} {v}" for k, v in report["modes"].items()))
     print("  sizes: " + ", ".join(f"{k} {v}" for k, v in report["sizes"].items()))
     print(f"  skipped: {len(report['skipped'])}")
