@@ -142,14 +142,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def read_image(path: str | Path, size: int) -> np.ndarray:
+def read_image(path: str | Path, size: int, data: bytes | None = None) -> np.ndarray:
     """One image file of any format and mode → (size, size, 3) uint8; a one-line error names the
-    file when it cannot be used."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CvtLabError(f"{path}: cannot be read ({e.strerror})") from None
+    file when it cannot be used. ``data``: its bytes, where they come from elsewhere than
+    ``path`` (a zip), which then only names it."""
+    if data is None:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise CvtLabError(f"{path}: cannot be read ({e.strerror})") from None
     try:
         return decode_image(data, size)[0]
     except DecodeError as e:

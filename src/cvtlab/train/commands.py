@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import zipfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -321,22 +325,52 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print("lowest per-class accuracy: " + ", ".join(f"{n.split(',')[0]} {a:.2f}" for n, a in worst))
 
 
-def _expand_folders(paths: list[str]) -> list[tuple[str, str | None]]:
-    """(path, error) per image file, a folder replaced by the images under it; an empty
-    folder is reported (its error set), not silently dropped."""
+def _expand_inputs(paths: list[str]) -> list[tuple[str, Callable[[], bytes] | None, str | None]]:
+    """(name, reader, error) per image. A file stands for itself (no reader: it is read from its
+    path); a folder, a zip (``photos.zip``) or a folder in a zip (``photos.zip:photos/cats``) for
+    the images under it, sorted, those in a zip named ``photos.zip:photos/cats/a.jpg`` and read
+    from it. One without images is reported (its error set), not silently dropped."""
     from ..data.decode import is_image_name
-    from ..data.sources import walk_tree
+    from ..data.sources import ZipSource, walk_tree
 
-    expanded: list[tuple[str, str | None]] = []
+    expanded: list[tuple[str, Callable[[], bytes] | None, str | None]] = []
     for path in paths:
-        folder = Path(path)
-        if not folder.is_dir():
-            expanded.append((path, None))
-            continue
-        # As a dataset folder is read: links followed, hidden files and __MACOSX/ left out.
-        found = [str(folder / f) for f in walk_tree(folder)[0] if is_image_name(f)]
-        expanded.extend([(f, None) for f in found] or [(path, f"{path}: a folder without images")])
+        in_zip = re.fullmatch(r"(.+\.zip)(?::(.*))?", path, flags=re.IGNORECASE)
+        if Path(path).is_dir():
+            # As a dataset folder is read: links followed, hidden files and __MACOSX/ left out.
+            folder = Path(path)
+            found = [str(folder / f) for f in walk_tree(folder)[0] if is_image_name(f)]
+            expanded += [(f, None, None) for f in found] or [
+                (path, None, f"{path}: a folder without images")
+            ]
+        elif in_zip and Path(in_zip[1]).is_file():
+            try:
+                source = ZipSource(Path(in_zip[1]))
+            except CvtLabError as e:
+                expanded.append((path, None, str(e)))
+                continue
+            inner = (in_zip[2] or "").strip("/")
+            members = sorted(
+                name
+                for name in (source.prefix + f for f in source.files())
+                if is_image_name(name)
+                and (not inner or name == inner or name.startswith(inner + "/"))
+            )
+            empty = f"no images under {inner} in the zip" if inner else "a zip without images"
+            expanded += [
+                (f"{in_zip[1]}:{name}", partial(_read_member, source, name), None)
+                for name in members
+            ] or [(path, None, f"{path}: {empty}")]
+        else:
+            expanded.append((path, None, None))
     return expanded
+
+
+def _read_member(source, name: str) -> bytes:
+    try:
+        return source.read(name[len(source.prefix) :])
+    except (zipfile.BadZipFile, OSError) as e:  # a damaged member: that image alone is lost
+        raise CvtLabError(f"{source.location}:{name}: cannot be read ({e})") from None
 
 
 def predict(
@@ -349,9 +383,10 @@ def predict(
     shift: int = 0,
 ) -> list[dict]:
     """Top-``topk`` class names and probabilities per image (``flip``: averaged with the mirror
-    image's; ``shift``: with the views moved that many pixels, as ``evaluate``'s); a folder
-    stands for the images in it and its subfolders, in sorted order. An unreadable image (or a
-    folder without images) gets an ``error`` entry instead, and the others are still predicted,
+    image's; ``shift``: with the views moved that many pixels, as ``evaluate``'s); a folder, a
+    zip or a folder in one (``photos.zip:photos/cats``) stands for the images under it, in sorted
+    order. An unreadable image (or a folder without images) gets an ``error`` entry instead, and
+    the others are still predicted,
     ``batch_size`` at a time, on ``device`` (``auto``: the GPU where there is one)."""
     from ..inference import check_shift, load_predictor, read_image, resolve_device
 
@@ -379,12 +414,13 @@ def predict(
             ]
         pending.clear()
 
-    for path, error in _expand_folders(images):
+    for path, reader, error in _expand_inputs(images):
         if error:
             results.append({"image": path, "error": error})
             continue
         try:
-            pixels = read_image(path, predictor.img_size)
+            data = reader() if reader else None
+            pixels = read_image(path, predictor.img_size, data)
         except CvtLabError as e:
             results.append({"image": path, "error": str(e)})
             continue
@@ -487,7 +523,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="class names and probabilities for image files")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("images", nargs="+", help="image files, or folders of them")
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files, folders or zips of them, or a folder in a zip (photos.zip:photos/cats)",
+    )
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument(
         "--flip", action="store_true", help="average with the mirror image's probabilities"
