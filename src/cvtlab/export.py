@@ -23,7 +23,7 @@ def export(
         fmt = FORMATS.get(Path(out).suffix.lower())
         if fmt is None:
             raise CvtLabError(f"--out {out}: name a .safetensors or .onnx file, or give --format")
-    if fmt not in ("safetensors", "onnx"):
+    if fmt not in FORMATS.values():
         raise CvtLabError(f"--format must be safetensors or onnx, not {fmt!r}")
     if fmt == "onnx":
         try:

@@ -49,8 +49,8 @@ NEWTON_SCHULZ = {
     "quintic": Polynomials(((3.4445, -4.7750, 2.0315),)),
     # Polar Express (Amsel et al., 2025): a polynomial per step, each the best one for the
     # interval the singular values can still lie in, with the 2% margin the published five-step
-    # schedule assumes. For the same products it lands singular values from 1e-3 of the largest
-    # up in about 0.85-1.14 (the quintic: 0.47-1.20).
+    # schedule assumes. For the same products it lands singular values from 1e-3 of the update's
+    # Frobenius norm up in about 0.85-1.14 (the quintic: 0.47-1.20).
     "polar_express": Polynomials(
         (
             (8.156554524902461, -22.48329292557795, 15.878769915207462),
