@@ -651,6 +651,26 @@ def test_tiff_gif_and_pnm_images_are_read_and_a_cache_that_skipped_them_is_rebui
     assert not open_decoded(root).built_now  # rebuilt once, not every time
 
 
+def test_a_damaged_member_of_a_zip_is_skipped_alone(tmp_path, monkeypatch):
+    """A member whose bytes no longer match its CRC (a bad download, a bad disk) is skipped
+    with its reason, as an undecodable image is; the rest of the dataset decodes."""
+    monkeypatch.setenv("CVTLAB_CACHE", str(tmp_path / "cache"))
+    z = tmp_path / "photos.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in ("cat/a.jpg", "cat/b.jpg", "dog/c.jpg", "dog/d.jpg"):
+            zf.writestr(f"photos/{name}", _jpeg((10, 200, 10) if "cat" in name else (9, 9, 200)))
+    raw = bytearray(z.read_bytes())
+    with zipfile.ZipFile(z) as zf:
+        info = zf.getinfo("photos/cat/b.jpg")
+    # The member's data starts after its 30-byte local header, its name and its extra field.
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 200] ^= 0xFF
+    z.write_bytes(bytes(raw))
+    d = open_decoded(z)
+    assert sum(d.splits.values()) == 3
+    assert [s["file"].rsplit(":", 1)[-1] for s in d.manifest["skipped"]] == ["cat/b.jpg"]
+    assert "damaged in the zip" in d.manifest["skipped"][0]["reason"]
+
+
 def test_a_zip_made_on_macos_with_images_in_subfolders_of_their_class(tmp_path):
     """Finder's "Compress" adds a __MACOSX/ tree of resource forks named like the images, and
     .DS_Store files; people sort a class's photos into subfolders (by date, by source)."""

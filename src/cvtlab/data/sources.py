@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..errors import CvtLabError
@@ -86,6 +87,11 @@ class ZipSource(Source):
             return self._zip.read(self.prefix + path)
         except KeyError:
             raise CvtLabError(f"{self.describe(path)}: no such file in the zip") from None
+        except (zipfile.BadZipFile, zlib.error, OSError) as e:
+            # A damaged member (bad CRC, broken compressed stream) loses that file alone.
+            raise CvtLabError(
+                f"{self.describe(path)}: damaged in the zip ({type(e).__name__})"
+            ) from None
 
     def folders(self) -> set[str]:
         return super().folders() | self._dirs

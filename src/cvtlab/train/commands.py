@@ -6,7 +6,6 @@ import argparse
 import json
 import re
 import sys
-import zipfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -350,27 +349,19 @@ def _expand_inputs(paths: list[str]) -> list[tuple[str, Callable[[], bytes] | No
                 expanded.append((path, None, str(e)))
                 continue
             inner = (in_zip[2] or "").strip("/")
+            under = f"{inner}/" if inner else ""  # the folder, or the image itself
             members = sorted(
-                name
-                for name in (source.prefix + f for f in source.files())
-                if is_image_name(name)
-                and (not inner or name == inner or name.startswith(inner + "/"))
+                f
+                for f in source.files()
+                if is_image_name(f) and f"{source.prefix}{f}/".startswith(under)
             )
             empty = f"no images under {inner} in the zip" if inner else "a zip without images"
             expanded += [
-                (f"{in_zip[1]}:{name}", partial(_read_member, source, name), None)
-                for name in members
+                (f"{in_zip[1]}:{source.prefix}{f}", partial(source.read, f), None) for f in members
             ] or [(path, None, f"{path}: {empty}")]
         else:
             expanded.append((path, None, None))
     return expanded
-
-
-def _read_member(source, name: str) -> bytes:
-    try:
-        return source.read(name[len(source.prefix) :])
-    except (zipfile.BadZipFile, OSError) as e:  # a damaged member: that image alone is lost
-        raise CvtLabError(f"{source.location}:{name}: cannot be read ({e})") from None
 
 
 def predict(
@@ -386,8 +377,8 @@ def predict(
     image's; ``shift``: with the views moved that many pixels, as ``evaluate``'s); a folder, a
     zip or a folder in one (``photos.zip:photos/cats``) stands for the images under it, in sorted
     order. An unreadable image (or a folder without images) gets an ``error`` entry instead, and
-    the others are still predicted,
-    ``batch_size`` at a time, on ``device`` (``auto``: the GPU where there is one)."""
+    the others are still predicted, ``batch_size`` at a time, on ``device`` (``auto``: the GPU
+    where there is one)."""
     from ..inference import check_shift, load_predictor, read_image, resolve_device
 
     if batch_size < 1:
