@@ -102,7 +102,40 @@ def test_run_folder_layout_and_metrics(trained):
     assert len(rows) == 4 and rows[0].startswith("epoch,step,lr")
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"] == "cvt_seed" and saved["epochs"] == 3 and saved["lr"] == 8.0e-3
-    assert "test top-1" in r.stdout
+    assert "test top-1" in r.stdout and "top-5" in r.stdout and m["num_classes"] == 10
+    # Written to a pipe, progress is one readable line per epoch, not a redrawn bar.
+    lines = [line for line in r.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    for line, row in zip(lines, csv.DictReader(rows)):
+        assert f"step {row['step']}" in line and f"val top-1 {float(row['val_top1']):.4f}" in line
+    assert "\r" not in r.stdout + r.stderr
+
+
+def test_progress_lines_within_a_long_epoch(shapes_small, tmp_path, monkeypatch, capsys):
+    from cvtlab.train import run as run_module
+    from cvtlab.train.config import make_config
+    from cvtlab.train.progress import ProgressLines, progress_callback
+
+    assert type(progress_callback(None, interactive=True)).__name__ == "TQDMProgressBar"
+    # Every step counts as long past the last line: each gets one.
+    monkeypatch.setattr(run_module, "progress_callback", lambda h: ProgressLines(h, every_s=0.0))
+    cfg = make_config(
+        recipe(tmp_path, limit_train_batches=3, ckpt_every_n_steps=0),
+        data=str(shapes_small),
+        out=str(tmp_path / "run"),
+        model="cvt_seed",
+        epochs=2,
+        batch_size=50,
+        accelerator="cpu",
+        precision="32",
+    )
+    run_module.train(cfg)
+    out = capsys.readouterr().out.splitlines()
+    steps = [line.split("  ")[:2] for line in out if "img/s" in line and "val top-1" not in line]
+    assert steps == [["epoch 1/2", f"step {i}/3"] for i in (1, 2, 3)] + [
+        ["epoch 2/2", f"step {i}/3"] for i in (1, 2, 3)
+    ]
+    assert sum(line.startswith("epoch ") and "val top-1" in line for line in out) == 2
 
 
 def test_eval_reproduces_the_runs_test_top1(trained):

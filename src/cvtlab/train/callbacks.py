@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -219,24 +220,26 @@ class EpochHistory(Checkpoint):
         self._t0 = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import time
-
         self._t0 = time.perf_counter()
         self._start_elapsed = self.rows[-1]["elapsed_s"] if self.rows else 0.0
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        import time
-
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         for key in EPOCH_KEYS[3:-1]:
             if key in m:
                 row[key] = int(m[key]) if key == "train_images" else float(m[key])
-        row["elapsed_s"] = round(self._start_elapsed + time.perf_counter() - self._t0, 2)
+        row["elapsed_s"] = round(self.elapsed(), 2)
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
         if trainer.is_global_zero:
             self.write()
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, those before a resume included."""
+        if self._t0 is None:
+            return self._start_elapsed
+        return self._start_elapsed + time.perf_counter() - self._t0
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -171,6 +171,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _print_run(cfg.out, metrics)
 
 
+def _top5_text(top5: float, num_classes: int | None, sep: str) -> str:
+    """The top-5 figure for a line of text; nothing with five classes or fewer, where every
+    image has its label among its five best guesses."""
+    return "" if num_classes is not None and num_classes <= 5 else f"{sep}top-5 {top5:.4f}"
+
+
 def _print_run(out: str, metrics: dict) -> None:
     import lightning as L  # noqa: F401  (rank is known once Lightning has set up)
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -178,7 +184,8 @@ def _print_run(out: str, metrics: dict) -> None:
     if getattr(rank_zero_only, "rank", 0) != 0:
         return
     print(
-        f"test top-1 {metrics['test_top1']:.4f}, top-5 {metrics['test_top5']:.4f} "
+        f"test top-1 {metrics['test_top1']:.4f}"
+        f"{_top5_text(metrics['test_top5'], metrics.get('num_classes'), ', ')} "
         f"(best val top-1 {metrics['val_top1'] or 0:.4f} at epoch {metrics['best_epoch']}); "
         f"{metrics['train_images_per_second'] or 0:.0f} train images/s"
     )
@@ -317,8 +324,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     averaged = f" (averaged with the {' and '.join(views)} views)" if views else ""
     print(
         f"{result['split']} of {result['data']}{averaged}: "
-        f"n={result['n']}  top-1 {result['top1']:.4f}  "
-        f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}"
+        f"n={result['n']}  top-1 {result['top1']:.4f}"
+        f"{_top5_text(result['top5'], len(result['per_class']), '  ')}  loss {result['loss']:.4f}"
     )
     worst = sorted(result["per_class"].items(), key=lambda kv: kv[1])[:10]
     print("lowest per-class accuracy: " + ", ".join(f"{n.split(',')[0]} {a:.2f}" for n, a in worst))

@@ -35,6 +35,7 @@ from .callbacks import (
 from .config import TrainConfig, make_config, save_config, train_size_at
 from .module import CvTClassifier
 from .precision import resolve_precision
+from .progress import progress_callback
 from .whitening import whiten_stem
 
 
@@ -52,6 +53,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     # The module augments on the device in on_after_batch_transfer, by design.
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+    # Step-level logging simply does not happen in epochs shorter than its interval; the epoch
+    # rows are written all the same.
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 
 
 def _logger(cfg: TrainConfig, out: Path):
@@ -188,6 +192,7 @@ def build_trainer(
         enable_version_counter=False,
     )
     epoch_end = LastCheckpoint(ckpt_dir / "last.ckpt")  # and every epoch's end, and the last step
+    progress = progress_callback(history)
     devices = cfg.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
@@ -207,7 +212,7 @@ def build_trainer(
             best,
             epoch_end,
             StopOnSignal(ckpt_dir / "last.ckpt", out),
-            TQDMProgressBar(refresh_rate=10),
+            progress,
             *extra_callbacks,
         ],
         logger=_logger(cfg, out),
@@ -215,6 +220,7 @@ def build_trainer(
         use_distributed_sampler=False,
         plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
+        enable_progress_bar=isinstance(progress, TQDMProgressBar),
         log_every_n_steps=10,
         num_sanity_val_steps=0,
         # cuDNN picks the fastest kernels for each input shape once (a few shapes per run).
@@ -334,6 +340,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     results = trainer.test(module, datamodule=dm, ckpt_path=test_ckpt, verbose=False)[0]
     history.rows = rows
     metrics = _summarise(cfg, rows, results, test_ckpt, trainer.world_size)
+    metrics["num_classes"] = dm.num_classes
     metrics["precision"] = precision
     metrics["machine"] = describe_machine()
     if trainer.is_global_zero:
