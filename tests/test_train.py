@@ -555,6 +555,7 @@ def test_compare_puts_runs_side_by_side_and_names_the_settings_that_differ(train
     assert (going["epochs"], going["steps"]) == (2, 20)
     assert going["val_top1"] == max(row["val_top1"] for row in going["history"])
     assert finished["run"] != going["run"] and going["run"].endswith("other/run")
+    assert finished["test_top5"] == m["test_top5"]
     assert result["differences"] == {
         "augment.flip": {finished["run"]: flip, going["run"]: not flip},
         "weight_decay": {finished["run"]: decay, going["run"]: decay + 0.1},
@@ -565,6 +566,14 @@ def test_compare_puts_runs_side_by_side_and_names_the_settings_that_differ(train
     assert r.returncode == 0, r.stderr
     assert f"{100 * m['test_top1']:.2f}%" in r.stdout and "(running or stopped)" in r.stdout
     assert "settings that differ:" in r.stdout and f"weight_decay: {finished['run']}: " in r.stdout
+
+    # A run of four classes: its top-5 is trivially 100%, so there is none to show.
+    few = tmp_path / "few"
+    shutil.copytree(out, few, ignore=shutil.ignore_patterns("checkpoints", "report", "logs"))
+    (few / "metrics.json").write_text(json.dumps(m | {"num_classes": 4}))
+    r = run_cli_here("compare", str(few), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["runs"][0]["test_top5"] is None
 
 
 def test_compare_refuses_what_is_not_a_run_in_one_line(trained, tmp_path):
