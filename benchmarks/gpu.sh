@@ -10,7 +10,7 @@
 # tests included, would not end inside TTA_TIMEOUT seconds (default 540). FIT_EPOCHS=1 fits the
 # recipe's epochs to the budget with a probe first (for recipes without budget_schedule).
 # TTA_CONFIG names the recipe (default tiny_imagenet_scratch; a shipped name or a YAML in the
-# tree), e.g. a copy with `optimizer: muon` to measure Muon on the GPU recipe.
+# tree), e.g. benchmarks/configs/tiny_imagenet_scratch_muon.yaml, the GPU recipe with Muon.
 # Optional wheels (vit-pytorch) travel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."

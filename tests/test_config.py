@@ -151,3 +151,14 @@ def test_lr_decays_fall_from_the_peak_to_the_floor_after_warmup():
     assert rate(60, "linear") == pytest.approx(rate(60, "cosine")) == pytest.approx(0.505)
     assert rate(90, "linear") == pytest.approx(0.01 + 0.99 * 0.2)
     assert rate(100, "linear") > 3 * rate(100, "cosine")
+
+
+def test_the_gpu_muon_candidate_is_the_gpu_recipe_with_only_its_optimiser_changed():
+    """benchmarks/configs/tiny_imagenet_scratch_muon.yaml is measured against the shipped GPU
+    recipe: it must stay that recipe but for the optimiser and the two settings tied to it."""
+    shipped = make_config("tiny_imagenet_scratch").to_dict()
+    muon = make_config(REPO / "benchmarks" / "configs" / "tiny_imagenet_scratch_muon.yaml")
+    get_config(muon.model, **muon.model_overrides)
+    changed = {k for k, v in muon.to_dict().items() if shipped[k] != v}
+    assert changed == {"optimizer", "lr", "weight_decay"}
+    assert (muon.optimizer, shipped["optimizer"]) == ("muon", "adamw")
