@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,33 @@ def test_progress_lines_within_a_long_epoch(shapes_small, tmp_path, monkeypatch,
     assert sum(line.startswith("epoch ") and "val top-1" in line for line in out) == 2
 
 
+@pytest.mark.skipif(
+    shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler"
+)
+def test_a_compiled_run_trains_and_saves_weights_that_load_uncompiled(shapes_small, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli_here(
+        "train",
+        "--config",
+        recipe(tmp_path, limit_train_batches=2, ckpt_every_n_steps=0),
+        "--data",
+        str(shapes_small),
+        "--epochs",
+        "1",
+        "--compile",
+        "--out",
+        str(out),
+        *FAST,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and not any("_orig_mod" in key for key in state)
+    r = run_cli_here("eval", "--checkpoint", str(out), "--format", "json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["top1"] == pytest.approx(m["test_top1"], abs=0.011)
+
+
 def test_eval_reproduces_the_runs_test_top1(trained):
     out, _ = trained
     m = json.loads((out / "metrics.json").read_text())
@@ -157,8 +185,6 @@ def test_eval_reproduces_the_runs_test_top1(trained):
 
 def test_eval_on_data_with_other_classes_is_refused(trained, shapes_small, tmp_path):
     """Ten classes, but not the checkpoint's: scoring them would report a wrong accuracy."""
-    import shutil
-
     out, _ = trained
     other = tmp_path / "other"
     shutil.copytree(shapes_small, other)
@@ -436,8 +462,6 @@ def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path
 def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, tmp_path):
     """A folder stands for its images (subfolders too, sorted); other files and hidden ones are
     passed over, and a folder without images is reported like an unreadable image."""
-    import shutil
-
     out, _ = trained
     photos = tmp_path / "photos"
     (photos / "more").mkdir(parents=True)
@@ -529,8 +553,6 @@ def test_predict_the_images_in_a_zip_or_in_a_folder_of_one(trained, shapes_small
 def test_compare_puts_runs_side_by_side_and_names_the_settings_that_differ(trained, tmp_path):
     """A finished run against one still going, with two settings changed: the figures of each,
     the curves, and exactly the settings that differ."""
-    import shutil
-
     out, _ = trained
     other = tmp_path / "other" / "run"
     shutil.copytree(out, other, ignore=shutil.ignore_patterns("checkpoints", "report", "logs"))
@@ -577,8 +599,6 @@ def test_compare_puts_runs_side_by_side_and_names_the_settings_that_differ(train
 
 
 def test_compare_refuses_what_is_not_a_run_in_one_line(trained, tmp_path):
-    import shutil
-
     out, _ = trained
     r = run_cli_here("compare", str(out), str(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
@@ -1353,7 +1373,6 @@ def test_a_run_folder_moved_before_resuming_keeps_its_best_checkpoint(
     """A run folder copied elsewhere (off a cluster node, say) resumes with the best score it
     had: a later epoch that validates no better does not replace ``best.ckpt``. A setting
     changed on resuming (here: one more epoch) is named, and config.yaml records it."""
-    import shutil
     import warnings
 
     import lightning as L
@@ -1670,8 +1689,6 @@ def test_onnx_export_without_the_onnx_package_says_what_to_install(trained, monk
 
 
 def test_resuming_from_a_damaged_checkpoint_is_one_line(trained, shapes_small, tmp_path):
-    import shutil
-
     out, _ = trained
     run = tmp_path / "run"
     shutil.copytree(out, run)

@@ -211,7 +211,8 @@ class CvTClassifier(L.LightningModule):
         return x, targets, labels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._compiled or self.model)(x)
+        # Not `self._compiled or self.model`: a compiled module's truth value asks for its len().
+        return (self.model if self._compiled is None else self._compiled)(x)
 
     def eval_model(self) -> nn.Module:
         """The weights that are validated, tested and exported: the EMA when it is on."""
