@@ -609,6 +609,20 @@ def test_data_show_writes_a_png(shapes_small, tmp_path):
     assert img.format == "PNG" and img.size[0] > 400
 
 
+def test_data_show_of_a_folder_without_split_folders_shows_its_one_split(tmp_path):
+    root = tmp_path / "photos"
+    for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), colour).save(root / name / f"{i}.png")
+    out = tmp_path / "grid.png"
+    r = run_cli_here("data", "show", str(root), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).format == "PNG"
+    r = run_cli_here("data", "show", str(root), "--split", "val", "--out", str(out))
+    assert r.returncode == 2 and "no split 'val' (it has all)" in r.stderr
+
+
 def test_tiff_gif_and_pnm_images_are_read_and_a_cache_that_skipped_them_is_rebuilt(
     tmp_path, monkeypatch
 ):

@@ -54,7 +54,10 @@ def _cmd_show(args: argparse.Namespace) -> None:
     from .download import resolve_data
 
     d = open_decoded(resolve_data(args.path), args.img_size)
-    images, labels = d.split(args.split)
+    split = args.split
+    if split is None:  # an image folder without split folders has one split, "all"
+        split = "train" if "train" in d.manifest["splits"] else next(iter(d.manifest["splits"]))
+    images, labels = d.split(split)
     out = sample_grid(
         images,
         labels,
@@ -62,7 +65,7 @@ def _cmd_show(args: argparse.Namespace) -> None:
         n=args.n,
         seed=args.seed,
         path=args.out,
-        title=f"{d.manifest['source']} — {args.split}",
+        title=f"{d.manifest['source']} — {split}",
     )
     print(out)
 
@@ -96,7 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = dsub.add_parser("show", help="a grid of samples with their class names, as a PNG")
     p.add_argument("path")
-    p.add_argument("--split", default="train")
+    p.add_argument(
+        "--split", help="a split as stored: train, val, test or all (default: train, else the one)"
+    )
     p.add_argument("--n", type=positive_int, default=32, help="how many images the grid shows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--img-size", type=positive_int, default=64)
