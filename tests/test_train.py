@@ -823,6 +823,13 @@ def test_ddp_on_two_cpu_processes(shapes_small, tmp_path):
         str(two),
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # One set of progress lines (the first process's), and no false alarm from DDP's reducer.
+    assert [line.split("  ")[0] for line in r.stdout.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/3",
+        "epoch 2/3",
+        "epoch 3/3",
+    ]
+    assert "Grad strides" not in r.stderr
     for rel in RUN_LAYOUT:
         assert (two / rel).is_file(), rel
     m1 = json.loads((one / "metrics.json").read_text())
