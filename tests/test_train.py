@@ -106,7 +106,7 @@ def test_run_folder_layout_and_metrics(trained):
     assert "test top-1" in r.stdout and "top-5" in r.stdout and m["num_classes"] == 10
     # Written to a pipe, progress is one readable line per epoch, not a redrawn bar.
     lines = [line for line in r.stdout.splitlines() if line.startswith("epoch ")]
-    assert [line.split("  ")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
     for line, row in zip(lines, csv.DictReader(rows)):
         assert f"step {row['step']}" in line and f"val top-1 {float(row['val_top1']):.4f}" in line
     assert "\r" not in r.stdout + r.stderr
@@ -119,7 +119,9 @@ def test_progress_lines_within_a_long_epoch(shapes_small, tmp_path, monkeypatch,
 
     assert type(progress_callback(None, interactive=True)).__name__ == "TQDMProgressBar"
     # Every step counts as long past the last line: each gets one.
-    monkeypatch.setattr(run_module, "progress_callback", lambda h: ProgressLines(h, every_s=0.0))
+    monkeypatch.setattr(
+        run_module, "progress_callback", lambda h, budget: ProgressLines(h, 0.0, budget)
+    )
     cfg = make_config(
         recipe(tmp_path, limit_train_batches=3, ckpt_every_n_steps=0),
         data=str(shapes_small),
@@ -129,14 +131,16 @@ def test_progress_lines_within_a_long_epoch(shapes_small, tmp_path, monkeypatch,
         batch_size=50,
         accelerator="cpu",
         precision="32",
+        max_minutes=5,
     )
     run_module.train(cfg)
     out = capsys.readouterr().out.splitlines()
     steps = [line.split("  ")[:2] for line in out if "img/s" in line and "val top-1" not in line]
-    assert steps == [["epoch 1/2", f"step {i}/3"] for i in (1, 2, 3)] + [
-        ["epoch 2/2", f"step {i}/3"] for i in (1, 2, 3)
+    assert steps == [["epoch 0/1", f"step {i}/3"] for i in (1, 2, 3)] + [
+        ["epoch 1/1", f"step {i}/3"] for i in (1, 2, 3)
     ]
     assert sum(line.startswith("epoch ") and "val top-1" in line for line in out) == 2
+    assert all(line.endswith(" of 5m00s") for line in out if line.startswith("epoch "))
 
 
 @pytest.mark.skipif(
@@ -825,9 +829,9 @@ def test_ddp_on_two_cpu_processes(shapes_small, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     # One set of progress lines (the first process's), and no false alarm from DDP's reducer.
     assert [line.split("  ")[0] for line in r.stdout.splitlines() if line.startswith("epoch ")] == [
-        "epoch 1/3",
-        "epoch 2/3",
-        "epoch 3/3",
+        "epoch 0/2",
+        "epoch 1/2",
+        "epoch 2/2",
     ]
     assert "Grad strides" not in r.stderr
     for rel in RUN_LAYOUT:

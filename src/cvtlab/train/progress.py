@@ -22,9 +22,14 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def epoch_line(row: dict, epochs: int) -> str:
-    """One epoch of ``metrics.csv`` as a line: its figures in the order people read them."""
-    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"step {row['step']:,}"]
+def _epoch(epoch: int, epochs: int) -> str:
+    return f"epoch {epoch}/{epochs - 1}"
+
+
+def epoch_line(row: dict, epochs: int, budget_s: float | None = None) -> str:
+    """One epoch of ``metrics.csv`` as a line: its figures in the order people read them. Epochs
+    count from 0, as in ``metrics.csv``, the report's curves and Lightning's progress bar."""
+    parts = [_epoch(row["epoch"], epochs), f"step {row['step']:,}"]
     for key, label in (
         ("train_loss_epoch", "loss {:.3f}"),
         ("train_top1", "train top-1 {:.4f}"),
@@ -34,18 +39,23 @@ def epoch_line(row: dict, epochs: int) -> str:
     ):
         if row.get(key) is not None:
             parts.append(label.format(row[key]))
-    parts.append(_duration(row["elapsed_s"]))
+    parts.append(_clock(row["elapsed_s"], budget_s))
     return "  ".join(parts)
+
+
+def _clock(elapsed_s: float, budget_s: float | None) -> str:
+    return _duration(elapsed_s) + (f" of {_duration(budget_s)}" if budget_s else "")
 
 
 class ProgressLines(Checkpoint):
     """Prints ``history``'s row at each epoch's end, and a line with the step, loss and speed
-    at most every ``every_s`` seconds within an epoch. (A ``Checkpoint`` subclass, as
+    at most every ``every_s`` seconds within an epoch; times as a share of ``budget_s`` if set. (A ``Checkpoint`` subclass, as
     :class:`EpochHistory` is, so that it runs after the epoch's metrics are logged and after
     the history has its row.)"""
 
-    def __init__(self, history: EpochHistory, every_s: float = 60.0):
+    def __init__(self, history: EpochHistory, every_s: float = 60.0, budget_s: float | None = None):
         self.history = history
+        self.budget_s = budget_s
         self.every_s = every_s
         self._last = 0.0
 
@@ -58,7 +68,7 @@ class ProgressLines(Checkpoint):
             return
         self._last = now
         m = trainer.callback_metrics
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts = [_epoch(trainer.current_epoch, trainer.max_epochs)]
         parts.append(f"step {batch_idx + 1:,}")
         if trainer.num_training_batches != float("inf"):
             parts[-1] += f"/{trainer.num_training_batches:,}"
@@ -66,16 +76,21 @@ class ProgressLines(Checkpoint):
             parts.append(f"loss {float(m['train_loss']):.3f}")
         if "img_s" in m:
             parts.append(f"{float(m['img_s']):,.0f} img/s")
-        parts.append(_duration(self.history.elapsed()))
+        parts.append(_clock(self.history.elapsed(), self.budget_s))
         print("  ".join(parts), flush=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.is_global_zero and self.history.rows:
-            print(epoch_line(self.history.rows[-1], trainer.max_epochs), flush=True)
+            print(epoch_line(self.history.rows[-1], trainer.max_epochs, self.budget_s), flush=True)
 
 
-def progress_callback(history: EpochHistory, interactive: bool | None = None) -> L.Callback:
-    """A progress bar on a terminal, :class:`ProgressLines` otherwise."""
+def progress_callback(
+    history: EpochHistory, budget_s: float | None = None, interactive: bool | None = None
+) -> L.Callback:
+    """A progress bar on a terminal, :class:`ProgressLines` otherwise (with a time budget, each
+    line shows the time spent of it: a budgeted run ends on the clock, before its epochs)."""
     if interactive is None:
         interactive = sys.stderr.isatty()
-    return TQDMProgressBar(refresh_rate=10) if interactive else ProgressLines(history)
+    if interactive:
+        return TQDMProgressBar(refresh_rate=10)
+    return ProgressLines(history, budget_s=budget_s)

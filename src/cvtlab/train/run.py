@@ -196,7 +196,7 @@ def build_trainer(
         enable_version_counter=False,
     )
     epoch_end = LastCheckpoint(ckpt_dir / "last.ckpt")  # and every epoch's end, and the last step
-    progress = progress_callback(history)
+    progress = progress_callback(history, cfg.max_minutes * 60 if cfg.max_minutes else None)
     devices = cfg.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
