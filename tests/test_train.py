@@ -288,7 +288,9 @@ def test_out_paths_that_cannot_be_written_are_one_line(trained, shapes_small, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing left behind
 
 
-def test_ema_run_validates_tests_and_serves_the_averaged_weights(shapes_small, tmp_path):
+def test_ema_run_validates_tests_and_serves_the_averaged_weights(
+    shapes_small, tmp_path, monkeypatch
+):
     """--ema-decay keeps an EMA of the weights: validation reports both, the test and every
     later command use the EMA; the recipe flags land in the run's config."""
     from safetensors.torch import load_file
@@ -327,6 +329,22 @@ def test_ema_run_validates_tests_and_serves_the_averaged_weights(shapes_small, t
     ).returncode == 0  # fmt: skip
     exported = load_file(str(tmp_path / "ema.safetensors"))
     assert all(torch.equal(exported[k], ema[k]) for k in exported)
+
+    # The report's curves show validation of both the EMA and the trained weights.
+    from cvtlab import report
+
+    drawn = {}
+
+    def keep(fig, path):
+        drawn["labels"] = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+        return path
+
+    with open(out / "metrics.csv", newline="") as f:
+        rows = [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+    monkeypatch.setattr(report, "_save", keep)
+    report.curves(rows, tmp_path / "curves.png")
+    assert "validation top-1 (EMA)" in drawn["labels"]
+    assert "validation top-1 (trained weights)" in drawn["labels"]
 
 
 def test_eval_in_bf16_keeps_the_accuracy(trained, monkeypatch):

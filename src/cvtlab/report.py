@@ -65,18 +65,23 @@ def sample_grid(
 
 
 def curves(history: list[dict], path: str | Path) -> Path:
-    """Loss and top-1 per epoch (train and val) from ``metrics.csv`` rows."""
+    """Loss and top-1 per epoch (train and val) from ``metrics.csv`` rows; with an EMA of the
+    weights, validation of the EMA (the run's ``val_top1``) and of the trained weights."""
     epochs = [r["epoch"] for r in history]
+    ema = any(r.get("val_top1_raw") is not None for r in history)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, style in (("train_loss_epoch", "-"), ("val_loss", "--")):
+    for key, style, label in (
+        ("train_loss_epoch", "-", "training (augmented)"),
+        ("val_loss", "--", "validation" + (" (EMA)" if ema else "")),
+    ):
         vals = [r.get(key) for r in history]
         if any(v is not None for v in vals):
-            ax_loss.plot(epochs, vals, style, marker="o", ms=3, label=key)
-    for key, style in (
-        ("train_top1", "-"),
-        ("val_top1", "--"),
-        ("val_top1_ema", ":"),
-        ("val_top5", "-."),
+            ax_loss.plot(epochs, vals, style, marker="o", ms=3, label=label)
+    for key, style, label in (
+        ("train_top1", "-", "training top-1 (augmented)"),
+        ("val_top1", "--", "validation top-1" + (" (EMA)" if ema else "")),
+        ("val_top1_raw", ":", "validation top-1 (trained weights)"),
+        ("val_top5", "-.", "validation top-5" + (" (EMA)" if ema else "")),
     ):
         vals = [r.get(key) for r in history]
         if any(v is not None for v in vals):
@@ -86,7 +91,7 @@ def curves(history: list[dict], path: str | Path) -> Path:
                 style,
                 marker="o",
                 ms=3,
-                label=key,
+                label=label,
             )
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
