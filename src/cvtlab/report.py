@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -127,6 +128,7 @@ def confused_pairs_plot(pairs: list[dict], path: str | Path) -> Path:
     labels = [f"{_short(p['true'], 24)} → {_short(p['predicted'], 24)}" for p in pairs][::-1]
     ax.barh(range(len(pairs)), [p["count"] for p in pairs][::-1], color="#c0504d")
     ax.set_yticks(range(len(pairs)), labels, fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts of images
     ax.set_xlabel("test images")
     ax.set_title("most confused class pairs (true → predicted)")
     return _save(fig, path)
