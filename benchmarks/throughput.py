@@ -9,7 +9,9 @@ architecture: Hugging Face ``transformers`` (CvtForImageClassification) and luci
 One process; every implementation is warmed up first, then timed interleaved (round-robin over
 implementations, repeated), and the median is reported. A training step is forward, backward
 and an AdamW step; inference is a forward pass under ``inference_mode`` (cvtlab-bf16: bf16
-weights on bf16 inputs, training under bf16 autocast). GFLOP/s count 2 FLOPs
+weights on bf16 inputs, training under bf16 autocast; cvtlab-bf16-compiled: that bf16 model
+compiled for inference, ``cvtlab.inference.CompiledForInference``, timed in inference only,
+on a CPU by default). GFLOP/s count 2 FLOPs
 per multiply-accumulate (cvtlab's layer table, attention included; a training step ≈ 3×
 forward) and are shown as a share of the matrix-multiply rate measured in the same run.
 """
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_train_step, median, timed, write_result  # noqa: E402
 
 import cvtlab  # noqa: E402
+from cvtlab.inference import CompiledForInference  # noqa: E402
 from cvtlab.models import token_linear  # noqa: E402
 from cvtlab.models.token_linear import linear_on_tokens  # noqa: E402
 from cvtlab.summary import summarize  # noqa: E402
@@ -56,6 +59,15 @@ CASES = [
     Case("cvt_xs_64@64", "cvt_xs_64", 64, 128, {}),
     Case("cvt_13@224", "cvt_13", 224, 16, {}),
 ]
+
+
+# Settings timed in inference only (their training step is another implementation's).
+INFERENCE_ONLY = {"cvtlab-bf16-compiled"}
+DEFAULT_IMPLS = {
+    "cpu": "cvtlab,cvtlab-bf16,cvtlab-bf16-compiled,transformers,vit-pytorch",
+    # On a GPU compiling takes minutes per model, more than the GPU script's budget.
+    "cuda": "cvtlab,cvtlab-bf16,transformers,vit-pytorch",
+}
 
 
 def matmul_rate(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -124,7 +136,7 @@ def build(impl: str, case: Case, device: str):
             over.update(act_layer="gelu", drop_path_rate=0.0)
         m = cvtlab.create_model(case.model, num_classes=200, img_size=case.img_size, **over)
         m = m.to(device)
-        amp = torch.bfloat16 if impl == "cvtlab-bf16" else None
+        amp = torch.bfloat16 if impl.startswith("cvtlab-bf16") else None
         return m, m, amp, ""
     cfg = cvtlab.models.get_config(case.model, num_classes=200, img_size=case.img_size)
     if case.model == "cvt_seed":
@@ -151,7 +163,9 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
         except (NotImplementedError, ModuleNotFoundError) as e:
             notes[impl] = f"not measured: {e}"
             continue
-        train_step = make_train_step(fn, module, x, y, amp)
+        # The compiled model is an inference setting: its training step is cvtlab-bf16's.
+        compiled = impl in INFERENCE_ONLY
+        train_step = None if compiled else make_train_step(fn, module, x, y, amp)
 
         if amp is None:
 
@@ -163,27 +177,30 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
             # cvtlab's bf16 inference runs bf16 weights on bf16 inputs (as `cvtlab eval
             # --precision bf16` does): autocast would cast every weight on every call.
             bf16_model, xb = copy.deepcopy(module).to(amp).eval(), x.to(amp)
+            if compiled:
+                bf16_model = CompiledForInference(bf16_model, case.batch)
 
             def infer(bf16_model=bf16_model, xb=xb):
                 with torch.inference_mode():
                     bf16_model(xb)
 
         for _ in range(warmup):
-            train_step()
+            if train_step:
+                train_step()
             infer()
         runners[impl] = (train_step, infer)
         notes[impl] = note
     times = {impl: {"train": [], "infer": []} for impl in runners}
     for _ in range(repeats):
         for impl, (train_step, infer) in runners.items():
-            times[impl]["train"].append(timed(train_step, sync))
+            if train_step:
+                times[impl]["train"].append(timed(train_step, sync))
             times[impl]["infer"].append(timed(infer, sync))
     out = {}
     for impl, t in times.items():
-        out[impl] = {
-            "train_images_per_s": case.batch / median(t["train"]),
-            "infer_images_per_s": case.batch / median(t["infer"]),
-        }
+        out[impl] = {"infer_images_per_s": case.batch / median(t["infer"])}
+        if t["train"]:
+            out[impl]["train_images_per_s"] = case.batch / median(t["train"])
     for impl, note in notes.items():
         out.setdefault(impl, {})["note"] = note
     return out
@@ -248,7 +265,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--cases", default=",".join(c.key for c in CASES))
-    p.add_argument("--impls", default="cvtlab,cvtlab-bf16,transformers,vit-pytorch")
+    p.add_argument(
+        "--impls",
+        help="default: cvtlab,cvtlab-bf16,transformers,vit-pytorch, and on a CPU also "
+        "cvtlab-bf16-compiled (inference only; compiling takes about a minute per model)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply every case's batch")
@@ -276,7 +297,7 @@ def main(argv=None) -> dict:
             Case(c.key, c.model, c.img_size, max(1, int(c.batch * args.batch_scale)), c.overrides)
             for c in cases
         ]
-    impls = args.impls.split(",")
+    impls = (args.impls or DEFAULT_IMPLS[args.device]).split(",")
     dev = args.device
     n = 512 if args.quick else 2048
     rates = {"fp32": matmul_rate(dev, torch.float32, n)}
@@ -285,15 +306,16 @@ def main(argv=None) -> dict:
     rates["bf16"] = matmul_rate(dev, torch.bfloat16, 256, reps=3)
     emulated = bf16_is_emulated(rates["fp32"], rates["bf16"])
     skipped = {}
-    if emulated and "cvtlab-bf16" in impls:
-        impls = [i for i in impls if i != "cvtlab-bf16"]
-        skipped["cvtlab-bf16"] = {
+    for impl in [i for i in impls if i.startswith("cvtlab-bf16") and emulated]:
+        impls.remove(impl)
+        skipped[impl] = {
             "note": f"not measured: bf16 products at {rates['bf16'] / rates['fp32']:.3f}x "
             "the fp32 rate (no bf16 instructions)"
         }
-        print(f"cvtlab-bf16: {skipped['cvtlab-bf16']['note']}")
+        print(f"{impl}: {skipped[impl]['note']}")
     if args.memory_only:
-        mem = {c.key: {i: peak_memory_per_image(c, i, dev) for i in impls} for c in cases}
+        trained = [i for i in impls if i not in INFERENCE_ONLY]
+        mem = {c.key: {i: peak_memory_per_image(c, i, dev) for i in trained} for c in cases}
         print(f"peak training memory per image (MiB), forward + backward, {dev}")
         for key, row in mem.items():
             hf = row.get("transformers")
@@ -346,37 +368,45 @@ def main(argv=None) -> dict:
         base = res.get("transformers", {})
         print(f"\n{case.key}  batch {case.batch}  {gflop_fwd:.3f} GFLOP/image forward")
         print(
-            f"{'impl':<14} {'train img/s':>11} {'×HF':>6} {'infer img/s':>11} {'×HF':>6} {'train GFLOP/s':>13} {'% of mm':>8}  {'MiB/img':>8}"
+            f"{'impl':<20} {'train img/s':>11} {'×HF':>6} {'infer img/s':>11} {'×HF':>6} "
+            f"{'train GFLOP/s':>13} {'% of mm':>8}  {'MiB/img':>8}"
         )
         for impl, r in res.items():
-            if "train_images_per_s" not in r:
-                print(f"{impl:<14} {r.get('note', '')}")
+            if "infer_images_per_s" not in r:
+                print(f"{impl:<20} {r.get('note', '')}")
                 continue
-            tr, inf = r["train_images_per_s"], r["infer_images_per_s"]
-            gflops = 3 * gflop_fwd * tr
-            peak = rates["bf16"] if impl.endswith("bf16") else rates["fp32"]
-            ratio_t = (
-                tr / base["train_images_per_s"] if "train_images_per_s" in base else float("nan")
-            )
-            ratio_i = (
+            inf = r["infer_images_per_s"]
+            r["infer_vs_transformers"] = (
                 inf / base["infer_images_per_s"] if "infer_images_per_s" in base else float("nan")
             )
-            r.update(
-                train_vs_transformers=ratio_t,
-                infer_vs_transformers=ratio_i,
-                train_gflops=gflops,
-                train_share_of_matmul=gflops / peak,
-            )
+            train = f"{'—':>11} {'—':>6}"
+            rate = f"{'—':>13} {'—':>8}"
+            if "train_images_per_s" in r:
+                tr = r["train_images_per_s"]
+                gflops = 3 * gflop_fwd * tr
+                peak = rates["bf16"] if impl.startswith("cvtlab-bf16") else rates["fp32"]
+                r.update(
+                    train_vs_transformers=(
+                        tr / base["train_images_per_s"]
+                        if "train_images_per_s" in base
+                        else float("nan")
+                    ),
+                    train_gflops=gflops,
+                    train_share_of_matmul=gflops / peak,
+                )
+                train = f"{tr:>11.1f} {r['train_vs_transformers']:>6.2f}"
+                rate = f"{gflops:>13.1f} {100 * gflops / peak:>7.1f}%"
             mem = r.get("train_peak_mib_per_image")
             print(
-                f"{impl:<14} {tr:>11.1f} {ratio_t:>6.2f} {inf:>11.1f} {ratio_i:>6.2f} {gflops:>13.1f} {100 * gflops / peak:>7.1f}%  "
+                f"{impl:<20} {train} {inf:>11.1f} {r['infer_vs_transformers']:>6.2f} {rate}  "
                 f"{mem if mem is not None else float('nan'):>8.2f}  {r.get('note', '')}"
             )
         ours = {
-            i: r for i, r in res.items() if i.startswith("cvtlab") and "train_images_per_s" in r
+            i: r for i, r in res.items() if i.startswith("cvtlab") and "infer_images_per_s" in r
         }
-        if "train_images_per_s" in base and len(ours) > 1:
-            best_train = max(ours, key=lambda i: ours[i]["train_vs_transformers"])
+        trained = [i for i in ours if "train_images_per_s" in ours[i]]
+        if "train_images_per_s" in base and len(ours) > 1 and trained:
+            best_train = max(trained, key=lambda i: ours[i]["train_vs_transformers"])
             best_infer = max(ours, key=lambda i: ours[i]["infer_vs_transformers"])
             results[case.key]["best"] = {"train": best_train, "infer": best_infer}
             print(

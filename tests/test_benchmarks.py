@@ -43,6 +43,25 @@ def test_throughput_benchmark_runs_and_reports_ratios():
         assert case[impl]["train_images_per_s"] > 0 and case[impl]["infer_images_per_s"] > 0
 
 
+def test_throughput_benchmark_times_the_compiled_model_in_inference_only():
+    import throughput
+
+    from cvtlab.train.precision import bf16_is_emulated
+
+    payload = throughput.main(
+        ["--quick", "--cases", "cvt_seed@64", "--impls", "cvtlab-bf16,cvtlab-bf16-compiled"]
+        + ["--no-write"]
+    )
+    case = payload["cases"]["cvt_seed@64"]["impls"]
+    compiled = case["cvtlab-bf16-compiled"]
+    rates = payload["matmul_gflops"]
+    if bf16_is_emulated(rates["fp32"], rates["bf16"]):
+        assert "no bf16 instructions" in compiled["note"]
+        return
+    assert compiled["infer_images_per_s"] > 0 and "train_images_per_s" not in compiled
+    assert case["cvtlab-bf16"]["train_images_per_s"] > 0
+
+
 def test_throughput_benchmark_compares_the_same_network():
     """cvtlab and transformers are timed on one network: same parameter count, and neither
     pays for stochastic depth that the other skips."""

@@ -347,6 +347,37 @@ def test_ema_run_validates_tests_and_serves_the_averaged_weights(
     assert "validation top-1 (trained weights)" in drawn["labels"]
 
 
+@pytest.mark.skipif(
+    shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler"
+)
+def test_compiled_inference_matches_eager_at_any_batch_and_freezes_the_weights(trained):
+    from cvtlab.inference import CompiledForInference, load_predictor
+
+    out, _ = trained
+    model = load_predictor(out).model.eval()
+    compiled = CompiledForInference(model, batch_size=8)
+    x = torch.randn(19, 3, 64, 64)
+    with torch.inference_mode():
+        eager = model(x)
+        # Smaller batches are padded and larger ones split: one compiled shape serves them all.
+        for n in (8, 5, 19):
+            torch.testing.assert_close(compiled(x[:n]), eager[:n], atol=2e-4, rtol=1e-4)
+        # Frozen (what makes it fast): weights were folded and packed into constants at the
+        # first call, so the compiled code no longer computes what the changed model does.
+        for p in model.parameters():
+            p.mul_(0.5)
+        changed = model(x[:8])
+        assert not torch.allclose(changed, eager[:8], atol=1e-2)
+        assert not torch.allclose(compiled(x[:8]), changed, atol=1e-2)
+
+    # `cvtlab eval --compile` scores what the eager model scores.
+    runs = [run_cli_here("eval", "--checkpoint", str(out), "--format", "json", *c) for c in ([], ["--compile"])]  # fmt: skip
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    plain, fast = (json.loads(r.stdout) for r in runs)
+    assert fast["compiled"] and not plain["compiled"]
+    assert abs(fast["top1"] - plain["top1"]) <= 1 / plain["n"]
+
+
 def test_eval_in_bf16_keeps_the_accuracy(trained, monkeypatch):
     out, _ = trained
     # `auto` records its choice in the environment for DDP's later processes; undo it after.
