@@ -136,8 +136,8 @@ def test_progress_lines_within_a_long_epoch(shapes_small, tmp_path, monkeypatch,
     run_module.train(cfg)
     out = capsys.readouterr().out.splitlines()
     steps = [line.split("  ")[:2] for line in out if "img/s" in line and "val top-1" not in line]
-    assert steps == [["epoch 0/1", f"step {i}/3"] for i in (1, 2, 3)] + [
-        ["epoch 1/1", f"step {i}/3"] for i in (1, 2, 3)
+    assert steps == [["epoch 0/1", f"step {i} (batch {i}/3)"] for i in (1, 2, 3)] + [
+        ["epoch 1/1", f"step {3 + i} (batch {i}/3)"] for i in (1, 2, 3)
     ]
     assert sum(line.startswith("epoch ") and "val top-1" in line for line in out) == 2
     assert all(line.endswith(" of 5m00s") for line in out if line.startswith("epoch "))
@@ -371,7 +371,8 @@ def test_compiled_inference_matches_eager_at_any_batch_and_freezes_the_weights(t
         assert not torch.allclose(compiled(x[:8]), changed, atol=1e-2)
 
     # `cvtlab eval --compile` scores what the eager model scores.
-    runs = [run_cli_here("eval", "--checkpoint", str(out), "--format", "json", *c) for c in ([], ["--compile"])]  # fmt: skip
+    eval_args = ["eval", "--checkpoint", str(out), "--format", "json"]
+    runs = [run_cli_here(*eval_args, *extra) for extra in ([], ["--compile"])]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
     plain, fast = (json.loads(r.stdout) for r in runs)
     assert fast["compiled"] and not plain["compiled"]

@@ -49,9 +49,9 @@ def _clock(elapsed_s: float, budget_s: float | None) -> str:
 
 class ProgressLines(Checkpoint):
     """Prints ``history``'s row at each epoch's end, and a line with the step, loss and speed
-    at most every ``every_s`` seconds within an epoch; times as a share of ``budget_s`` if set. (A ``Checkpoint`` subclass, as
-    :class:`EpochHistory` is, so that it runs after the epoch's metrics are logged and after
-    the history has its row.)"""
+    at most every ``every_s`` seconds within an epoch; times as a share of ``budget_s`` if set.
+    (A ``Checkpoint`` subclass, as :class:`EpochHistory` is, so that it runs after the epoch's
+    metrics are logged and after the history has its row.)"""
 
     def __init__(self, history: EpochHistory, every_s: float = 60.0, budget_s: float | None = None):
         self.history = history
@@ -68,10 +68,14 @@ class ProgressLines(Checkpoint):
             return
         self._last = now
         m = trainer.callback_metrics
-        parts = [_epoch(trainer.current_epoch, trainer.max_epochs)]
-        parts.append(f"step {batch_idx + 1:,}")
+        # The run's step, as in the epoch lines and metrics.csv, and how far into the epoch.
+        into = f"{batch_idx + 1:,}"
         if trainer.num_training_batches != float("inf"):
-            parts[-1] += f"/{trainer.num_training_batches:,}"
+            into += f"/{trainer.num_training_batches:,}"
+        parts = [
+            _epoch(trainer.current_epoch, trainer.max_epochs),
+            f"step {trainer.global_step:,} (batch {into})",
+        ]
         if "train_loss" in m:
             parts.append(f"loss {float(m['train_loss']):.3f}")
         if "img_s" in m:
