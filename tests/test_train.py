@@ -714,6 +714,44 @@ def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
         assert np.abs(got - want.numpy()).max() <= 1e-4
 
 
+def test_onnx_export_carries_what_a_program_needs_to_classify_with_it(trained, tmp_path):
+    """Run outside cvtlab, the ONNX file alone (graph and metadata) gives the probabilities and
+    class names that ``cvtlab predict`` gives for a photo that is not the model's size."""
+    out, _ = trained
+    onnx_path = tmp_path / "m.onnx"
+    r = run_cli("export", "--checkpoint", str(out), "--out", str(onnx_path))
+    assert r.returncode == 0, r.stderr
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(photo)
+    r = run_cli("predict", "--checkpoint", str(out), str(photo), "--format", "json", "--topk", "3")
+    assert r.returncode == 0, r.stderr
+    want = {p["class"]: p["probability"] for p in json.loads(r.stdout)[0]["predictions"]}
+
+    session = ort.InferenceSession(str(onnx_path))
+    meta = session.get_modelmeta().custom_metadata_map
+    size = int(meta["image_size"])
+    names = json.loads(meta["class_names"])
+    mean, std = np.array(json.loads(meta["mean"])), np.array(json.loads(meta["std"]))
+    # The preprocessing as the metadata words it, in plain Pillow and numpy.
+    img = Image.open(photo).convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = (np.asarray(img, dtype=np.float32) / 255 - mean) / std
+    x = x.transpose(2, 0, 1)[None].astype(np.float32)
+    logits = session.run(None, {"images": x})[0][0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    assert len(names) == len(probs) == 10 and names[0] == "disc"
+    got = {name: float(p) for name, p in zip(names, probs) if name in want}
+    assert got == pytest.approx(want, abs=1e-4)
+    assert meta["model"] and meta["cvtlab_version"] == cvtlab.__version__
+
+
 def _step_of(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)["global_step"]

@@ -1,14 +1,17 @@
-"""Export a trained model: ``.safetensors`` (weights + architecture) or ONNX (dynamic batch)."""
+"""Export a trained model: ``.safetensors`` (weights + architecture) or ONNX (dynamic batch,
+with the class names and the preprocessing in its metadata)."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import torch
 
+from .data.augment import IMAGENET_MEAN, IMAGENET_STD
 from .errors import CvtLabError, check_creatable
-from .inference import load_predictor
+from .inference import Predictor, load_predictor
 from .models.pretrained import save_weights
 
 FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
@@ -57,5 +60,40 @@ def export(
             opset_version=opset,
             dynamo=False,
         )
+    _write_onnx_metadata(tmp, predictor)
     tmp.replace(out)
     return out
+
+
+def onnx_metadata(predictor: Predictor) -> dict[str, str]:
+    """What a program running the ONNX file needs besides the graph: how to turn an image into
+    the ``images`` input, and what the ``logits`` columns are (ONNX metadata holds strings)."""
+    import cvtlab
+
+    size = predictor.img_size
+    meta = {
+        "image_size": str(size),
+        "mean": json.dumps(list(IMAGENET_MEAN)),
+        "std": json.dumps(list(IMAGENET_STD)),
+        "preprocessing": (
+            f"RGB; shorter side resized to {size} px (antialiased), centre {size}x{size} crop; "
+            "float32 pixels / 255, minus mean, divided by std, per channel; "
+            f"(batch, 3, {size}, {size})"
+        ),
+        "output": "logits (batch, classes); softmax gives the class probabilities",
+        "cvtlab_version": cvtlab.__version__,
+    }
+    if predictor.names_known:
+        meta["class_names"] = json.dumps(predictor.class_names)
+    name = getattr(predictor.model, "model_name", None)
+    if name:
+        meta["model"] = name
+    return meta
+
+
+def _write_onnx_metadata(path: Path, predictor: Predictor) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, onnx_metadata(predictor))
+    onnx.save(model, str(path))
