@@ -347,6 +347,30 @@ def test_ema_run_validates_tests_and_serves_the_averaged_weights(
     assert "validation top-1 (trained weights)" in drawn["labels"]
 
 
+def test_curves_count_whole_epochs_and_leave_out_a_top5_that_cannot_miss(monkeypatch, tmp_path):
+    from cvtlab import report
+
+    drawn = {}
+
+    def keep(fig, path):
+        drawn["labels"] = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+        fig.canvas.draw()
+        drawn["ticks"] = [t for ax in fig.axes for t in ax.get_xticks()]
+        return path
+
+    monkeypatch.setattr(report, "_save", keep)
+    rows = [
+        {"epoch": e, "train_loss_epoch": 1.0 - e / 4, "val_loss": 0.9 - e / 4,
+         "train_top1": 0.4 + e / 10, "val_top1": 0.5 + e / 10, "val_top5": 1.0}
+        for e in range(2)
+    ]  # fmt: skip
+    report.curves(rows, tmp_path / "c.png", num_classes=3)
+    assert "validation top-5" not in drawn["labels"] and "validation top-1" in drawn["labels"]
+    assert drawn["ticks"] and all(float(t).is_integer() for t in drawn["ticks"])
+    report.curves(rows, tmp_path / "c.png", num_classes=200)
+    assert "validation top-5" in drawn["labels"]
+
+
 @pytest.mark.skipif(
     shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler"
 )

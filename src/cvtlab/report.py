@@ -65,9 +65,10 @@ def sample_grid(
     return _save(fig, path)
 
 
-def curves(history: list[dict], path: str | Path) -> Path:
+def curves(history: list[dict], path: str | Path, num_classes: int | None = None) -> Path:
     """Loss and top-1 per epoch (train and val) from ``metrics.csv`` rows; with an EMA of the
-    weights, validation of the EMA (the run's ``val_top1``) and of the trained weights."""
+    weights, validation of the EMA (the run's ``val_top1``) and of the trained weights. Top-5
+    is left out with five classes or fewer, where it is 100% by definition."""
     epochs = [r["epoch"] for r in history]
     ema = any(r.get("val_top1_raw") is not None for r in history)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -84,6 +85,8 @@ def curves(history: list[dict], path: str | Path) -> Path:
         ("val_top1_raw", ":", "validation top-1 (trained weights)"),
         ("val_top5", "-.", "validation top-5" + (" (EMA)" if ema else "")),
     ):
+        if key == "val_top5" and num_classes is not None and num_classes <= 5:
+            continue
         vals = [r.get(key) for r in history]
         if any(v is not None for v in vals):
             ax_acc.plot(
@@ -97,6 +100,7 @@ def curves(history: list[dict], path: str | Path) -> Path:
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)

@@ -15,9 +15,9 @@ from ..report import confused_pairs, confused_pairs_plot, curves, sample_grid
 def write_report(out: Path, module, dm, rows: list[dict], n_predictions: int = 24) -> None:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    if rows:
-        curves(rows, report / "curves.png")
     names = dm.class_names
+    if rows:
+        curves(rows, report / "curves.png", num_classes=len(names))
     test_rows = dm.rows["test"]
     if len(test_rows):
         rng = np.random.default_rng(0)
