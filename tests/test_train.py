@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -369,6 +370,27 @@ def test_curves_count_whole_epochs_and_leave_out_a_top5_that_cannot_miss(monkeyp
     assert drawn["ticks"] and all(float(t).is_integer() for t in drawn["ticks"])
     report.curves(rows, tmp_path / "c.png", num_classes=200)
     assert "validation top-5" in drawn["labels"]
+
+
+def test_class_names_no_font_draws_are_named_in_one_warning(tmp_path, caplog):
+    """Matplotlib warns twice per missing character and figure; the report names them once."""
+    from cvtlab import report
+
+    odd = "\U0010fffd"  # a private-use character: no font draws it
+    names = [f"cat{odd}", "dog"]
+    images = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(2):
+            report.sample_grid(images, labels, names, path=tmp_path / f"g{i}.png", predicted=labels)
+        report.warn_missing_glyphs("the report")
+        report.warn_missing_glyphs("the report")  # nothing new since the last call
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    named = [r.getMessage() for r in caplog.records if r.name == "cvtlab.report"]
+    assert named == [
+        f"the report: no installed font draws {odd}; those characters show as boxes in the plots"
+    ]
 
 
 @pytest.mark.skipif(

@@ -77,9 +77,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     result = compare_runs(args.runs)
     if args.plot:
-        from .report import compare_curves
+        from .report import compare_curves, warn_missing_glyphs
 
         compare_curves(result["runs"], args.plot)
+        warn_missing_glyphs(args.plot)
     if args.format == "json":
         print(json.dumps(result, indent=2))
     else:

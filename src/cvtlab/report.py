@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -11,14 +14,41 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+log = logging.getLogger("cvtlab.report")
+
+# Characters of class or run names that no installed font draws (a CJK class name on a machine
+# with matplotlib's own fonts only). Matplotlib warns once per character and figure, twice each:
+# collected here and named once by :func:`warn_missing_glyphs`.
+_missing_glyphs: set[str] = set()
+
 
 def _save(fig, path: str | Path) -> Path:
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
+    for w in caught:
+        glyph = re.match(r"Glyph (\d+) ", str(w.message))
+        if glyph:
+            _missing_glyphs.add(chr(int(glyph.group(1))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return path
+
+
+def warn_missing_glyphs(where: str) -> None:
+    """One warning naming the characters the plots written since the last call drew as boxes."""
+    if _missing_glyphs:
+        chars = "".join(sorted(_missing_glyphs))
+        _missing_glyphs.clear()
+        log.warning(
+            "%s: no installed font draws %s; those characters show as boxes in the plots",
+            where,
+            chars,
+        )
 
 
 def _short(name: str, limit: int = 18) -> str:

@@ -9,7 +9,13 @@ import numpy as np
 import torch
 
 from ..data.augment import normalize
-from ..report import confused_pairs, confused_pairs_plot, curves, sample_grid
+from ..report import (
+    confused_pairs,
+    confused_pairs_plot,
+    curves,
+    sample_grid,
+    warn_missing_glyphs,
+)
 
 
 def write_report(out: Path, module, dm, rows: list[dict], n_predictions: int = 24) -> None:
@@ -50,3 +56,4 @@ def write_report(out: Path, module, dm, rows: list[dict], n_predictions: int = 2
             key=lambda r: r["accuracy"],
         )
         (report / "per_class_accuracy.json").write_text(json.dumps(table, indent=2))
+    warn_missing_glyphs(str(report))
