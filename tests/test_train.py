@@ -1844,3 +1844,12 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line(trained, shapes_small, t
         r = run_cli_here("train", "--resume", "--out", str(run))
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
         assert f"--resume: {last} cannot be read (cut short, or not a checkpoint)" in r.stderr
+
+
+def test_resuming_with_fewer_epochs_than_trained_is_one_line(trained, tmp_path):
+    out, _ = trained  # trained 3 epochs
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    r = run_cli_here("train", "--resume", "--out", str(run), "--epochs", "2")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert f"--epochs 2: the run in {run} has trained 3 epochs already; give --epochs 4" in r.stderr

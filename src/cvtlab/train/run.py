@@ -125,23 +125,38 @@ def _check_out(cfg: TrainConfig, out: Path) -> None:
             raise CvtLabError(
                 f"--resume: {last} does not exist, so there is no run to resume in {out}"
             )
-        why = None
+        why, saved = None, {}
         if not zipfile.is_zipfile(last):  # a checkpoint is a zip; a cut-off one has no index
             why = "cut short, or not a checkpoint"
         else:
             try:  # memory-mapped: reads the file's index, not its tensors
-                torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+                saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # unpickling, zip and I/O errors alike
                 why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if why:
             raise CvtLabError(
                 f"--resume: {last} cannot be read ({why}); the run cannot continue from it"
             )
+        done = _epochs_done(saved)
+        if done is not None and done > cfg.epochs:
+            raise CvtLabError(
+                f"--epochs {cfg.epochs}: the run in {out} has trained {done} epochs already; "
+                f"give --epochs {done + 1} or more to train on"
+            )
         return
     if (out / "config.yaml").exists() or (out / "checkpoints").exists():
         raise CvtLabError(
             f"{out} holds another run; pass --resume to continue it or choose another --out"
         )
+
+
+def _epochs_done(checkpoint: dict) -> int | None:
+    """Whole epochs a Lightning checkpoint has trained (its ``epoch`` lags by one when it was
+    saved at an epoch's end), or None when it does not say."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _record_resumed_config(cfg: TrainConfig, path: Path) -> None:
