@@ -324,6 +324,16 @@ def test_ema_run_validates_tests_and_serves_the_averaged_weights(
 
     served = load_predictor(out / "checkpoints" / "last.ckpt").model.state_dict()
     assert all(torch.equal(served[k], ema[k]) for k in served)
+    # Loaded as weights (for fine-tuning, --pretrained), the run folder and its checkpoint give
+    # the EMA too: the model its test scored.
+    from cvtlab.inference import resolve_checkpoint
+
+    for source in (out, out / "checkpoints" / "last.ckpt"):
+        sd = torch.load(resolve_checkpoint(source), map_location="cpu", weights_only=True)
+        want = {k[11:]: v for k, v in sd["state_dict"].items() if k.startswith("ema.module.")}
+        loaded = cvtlab.from_pretrained(source).state_dict()
+        assert loaded.keys() == want.keys()
+        assert all(torch.equal(loaded[k], want[k]) for k in loaded)
     assert run_cli_here(
         "export", "--checkpoint", str(out / "checkpoints" / "last.ckpt"), "--format",
         "safetensors", "--out", str(tmp_path / "ema.safetensors"),
@@ -1853,3 +1863,28 @@ def test_resuming_with_fewer_epochs_than_trained_is_one_line(trained, tmp_path):
     r = run_cli_here("train", "--resume", "--out", str(run), "--epochs", "2")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert f"--epochs 2: the run in {run} has trained 3 epochs already; give --epochs 4" in r.stderr
+
+
+def test_resuming_refuses_what_the_checkpoint_cannot_go_on_with_and_keeps_its_config(
+    trained, tmp_path
+):
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    config = (run / "config.yaml").read_text()
+    other = tmp_path / "other"
+    for c in range(10):
+        (other / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (64, 64), (25 * c, i, 0)).save(other / f"class{c}" / f"{i}.png")
+    for flags, says in (
+        (["--model", "cvt_xs_64"], "--model cvt_xs_64: the run in"),
+        (["--optimizer", "muon"], "--optimizer muon: the run in"),
+        (["--ema-decay", "0.99"], "not turn the EMA on or off"),
+        (["--data", str(other)], f"--data {other}: not the classes the run trains on"),
+    ):
+        r = run_cli_here("train", "--resume", "--out", str(run), "--epochs", "4", *flags)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert says in r.stderr
+        # A refused resume leaves the run as it was: the next one goes on with its settings.
+        assert (run / "config.yaml").read_text() == config

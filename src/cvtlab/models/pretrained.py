@@ -89,9 +89,15 @@ def load_state_dict_file(path: str | Path) -> Checkpoint:
         config = _config_from_meta(hparams.get("model_config"))
         classes = hparams.get("class_names")
         state_dict = obj["state_dict"]
-        # A Lightning checkpoint of cvtlab's module holds the network under "model.".
-        if any(k.startswith("model.") for k in state_dict):
-            state_dict = {k[6:]: v for k, v in state_dict.items() if k.startswith("model.")}
+        # A Lightning checkpoint of cvtlab's module holds the network under "model." and, when
+        # the run kept an EMA, the averaged weights under "ema.module.": those are the ones the
+        # run validated, tested and exported, so they are the ones taken.
+        for prefix in ("ema.module.", "model."):
+            if any(k.startswith(prefix) for k in state_dict):
+                state_dict = {
+                    k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
+                }
+                break
     elif "model" in obj and isinstance(obj["model"], dict):
         state_dict = obj["model"]
     else:
@@ -151,7 +157,9 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
     text = str(source)
     if text.startswith("hf:"):
         return _load_hf_folder(_download_hub(text[3:]))
-    path = Path(source)
+    from ..inference import resolve_checkpoint  # a run folder → the checkpoint it tested
+
+    path = resolve_checkpoint(source)
     if path.is_dir():
         return _load_hf_folder(path)
     return load_state_dict_file(path)
@@ -223,8 +231,9 @@ def from_pretrained(
     """Build a model from a checkpoint and load its weights.
 
     ``source`` is an official microsoft/CvT ``.pth`` file, a Hugging Face
-    ``CvtForImageClassification`` folder (``config.json`` + weights) or ``hf:<repo id>``, or a
-    cvtlab ``.safetensors``/``.ckpt`` file. The architecture comes from the file where it says
+    ``CvtForImageClassification`` folder (``config.json`` + weights) or ``hf:<repo id>``, a
+    cvtlab ``.safetensors``/``.ckpt`` file (its EMA weights when the run kept an EMA) or a
+    training run's folder (the checkpoint its test scored). The architecture comes from the file where it says
     so (Hugging Face config, cvtlab metadata); otherwise from ``model`` or, failing that, from
     the registered config whose shapes match. ``num_classes`` different from the checkpoint's
     gives a fresh head. ``act_layer`` defaults to what the weights were trained with: QuickGELU

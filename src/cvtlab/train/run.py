@@ -159,14 +159,30 @@ def _epochs_done(checkpoint: dict) -> int | None:
         return None
 
 
-def _record_resumed_config(cfg: TrainConfig, path: Path) -> None:
+# What a checkpoint's weights and optimiser state are made for: a resumed run keeps them.
+KEPT_ON_RESUME = {"model": "--model", "optimizer": "--optimizer"}
+
+
+def _announce_resumed_config(cfg: TrainConfig, path: Path) -> None:
     """A resumed run may take new settings (more epochs, the data at a new path, more devices):
-    say which, and keep ``config.yaml`` describing the run as it now goes on."""
+    say which; refuse those its checkpoint cannot go on with."""
     try:
         saved = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         saved = {}
     now = cfg.to_dict()
+    for key, flag in KEPT_ON_RESUME.items():
+        if key in saved and saved[key] != now[key]:
+            raise CvtLabError(
+                f"{flag} {now[key]}: the run in {path.parent} trains with {saved[key]}, which "
+                f"its checkpoint holds; start a new run (another --out) to use {now[key]}"
+            )
+    if "ema_decay" in saved and (saved["ema_decay"] > 0) != (now["ema_decay"] > 0):
+        kept = "with an EMA of its weights" if saved["ema_decay"] else "without an EMA"
+        raise CvtLabError(
+            f"--ema-decay {now['ema_decay']}: the run in {path.parent} trains {kept}, as its "
+            "checkpoint does; a resumed run can change the decay, not turn the EMA on or off"
+        )
     changed = [
         f"{key} {saved[key]!r} -> {now[key]!r}"
         for key in now
@@ -174,7 +190,36 @@ def _record_resumed_config(cfg: TrainConfig, path: Path) -> None:
     ]
     if changed:
         print("resuming with changed settings: " + "; ".join(changed), flush=True)
-    save_config(dataclasses.replace(cfg, resume=False), path)
+
+
+def _check_resumed_classes(last: Path, class_names: list[str], data: str) -> None:
+    """The data may have moved (another path, a zip of the folder), not changed its classes:
+    a checkpoint's classifier outputs mean the classes it was trained on."""
+    ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    trained = list(ckpt.get("hyper_parameters", {}).get("class_names") or [])
+    if trained and trained != list(class_names):
+        differ = sorted(set(class_names) ^ set(trained))
+        what = (
+            f"{len(differ)} class names differ, e.g. {', '.join(differ[:3])}"
+            if differ
+            else "the same class names in another order"
+        )
+        raise CvtLabError(
+            f"--data {data}: not the classes the run trains on ({what}); a resumed run takes its "
+            "data at a new path, not other data: start a new run, with --pretrained for its weights"
+        )
+
+
+class _SaveConfigOnceRestored(L.Callback):
+    """``config.yaml`` takes a resumed run's new settings only once its checkpoint has loaded
+    into them: a resume that fails leaves the run's description as it was."""
+
+    def __init__(self, cfg: TrainConfig, path: Path):
+        self.cfg, self.path = cfg, path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            save_config(dataclasses.replace(self.cfg, resume=False), self.path)
 
 
 def configure_from_cli(recipe: str | None, flags: dict) -> TrainConfig:
@@ -255,6 +300,8 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     first = _is_first_process()  # only it checks and claims the folder
     if first:
         _check_out(cfg, out)
+        if cfg.resume:
+            _announce_resumed_config(cfg, out / "config.yaml")
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.matmul_precision:
@@ -271,15 +318,17 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     )
     dm.prepare_data()
     dm.setup()
+    if first and cfg.resume:
+        _check_resumed_classes(out / "checkpoints" / "last.ckpt", dm.class_names, cfg.data)
     history = EpochHistory(out / "metrics.csv")
     precision, why = resolve_precision(cfg.precision, cfg.accelerator)
     if first and cfg.precision == "auto":
         print(f"precision {precision} ({why})", flush=True)
+    if cfg.resume:
+        extra_callbacks = (*extra_callbacks, _SaveConfigOnceRestored(cfg, out / "config.yaml"))
     trainer = build_trainer(cfg, out, history, extra_callbacks, precision)
     if first and not cfg.resume:
         save_config(cfg, out / "config.yaml")
-    elif first:
-        _record_resumed_config(cfg, out / "config.yaml")
 
     steps_per_epoch = len(dm.rows["train"]) // (cfg.batch_size * trainer.world_size)
     if cfg.limit_train_batches:
