@@ -801,3 +801,13 @@ def test_a_folder_of_links_to_class_folders(tmp_path):
         ["cat", "dog"],
         [("cat/0.png", 0), ("cat/1.png", 0), ("cat/2.png", 0), ("dog/0.png", 1)],
     )
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_error_naming_the_setting(
+    shapes_small, tmp_path, monkeypatch
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CVTLAB_CACHE", str(blocker))
+    with pytest.raises(CvtLabError, match=r"a-file/decoded: the decoded cache cannot be made"):
+        open_decoded(shapes_small, 64)

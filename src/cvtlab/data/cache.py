@@ -312,7 +312,13 @@ def open_decoded(
     first use, reused by later runs and other processes, rebuilt when the source changes."""
     source = open_source(path)
     entry = _entry_dir(source, img_size)
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CvtLabError(
+            f"{entry.parent}: the decoded cache cannot be made there ({e.strerror}); set "
+            "CVTLAB_CACHE to a folder this user can write"
+        ) from None
     fingerprint = source.fingerprint()
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
