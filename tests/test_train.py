@@ -567,6 +567,12 @@ def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path
         assert {p["class"] for p in res["predictions"]} <= names
     assert "broken.jpg" in results[2]["error"]
     assert "1 of 3 images could not be read" in r.stderr
+    # As text, the skipped image's line names it once.
+    r = run_cli_here("predict", "--checkpoint", str(out), str(broken))
+    assert r.returncode == 1
+    assert r.stdout.startswith(f"{broken}: skipped (") and r.stdout.count(str(broken)) == 1, (
+        r.stdout
+    )
 
 
 def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, tmp_path):

@@ -468,7 +468,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         for r in results:
             if "error" in r:
-                print(f"{r['image']}: skipped ({r['error']})")
+                why = r["error"].removeprefix(f"{r['image']}: ")  # the line names it already
+                print(f"{r['image']}: skipped ({why})")
                 continue
             print(r["image"])
             for p in r["predictions"]:
