@@ -64,6 +64,10 @@ def test_hf_folder_defaults_to_quick_gelu_of_the_official_weights(hf_pair):
     _, folder = hf_pair
     model = cvtlab.from_pretrained(folder)
     assert type(model.stage0.blocks[0].mlp.act).__name__ == "QuickGELU"
+    # Named as the registered model it is (what exports and summaries call it), else custom.
+    assert model.model_name == {"cvt-13": "cvt_13", "cvt-21": "cvt_21"}.get(
+        folder.name[:6], "custom"
+    )
 
 
 def test_state_dict_round_trips_through_hugging_face_names():

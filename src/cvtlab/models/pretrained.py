@@ -182,6 +182,21 @@ def _infer_model_name(ckpt: Checkpoint) -> str:
     )
 
 
+# Settings that change how a network trains or what it classifies, not what it is.
+_NOT_ARCHITECTURE = ("num_classes", "act_layer", "drop_rate", "attn_drop_rate", "drop_path_rates")
+
+
+def _registered_name(cfg: CvTConfig | SeedConfig) -> str | None:
+    """The registered model ``cfg`` builds (a Hugging Face config of CvT-13 is ``cvt_13``)."""
+    mine = {k: v for k, v in asdict(cfg).items() if k not in _NOT_ARCHITECTURE}
+    for name, known in MODEL_CONFIGS.items():
+        if type(known) is type(cfg):
+            theirs = {k: v for k, v in asdict(known).items() if k not in _NOT_ARCHITECTURE}
+            if theirs == mine:
+                return name
+    return None
+
+
 def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
     """Copy ``ckpt`` into ``model``; a different head size is skipped (the model keeps its fresh
     head), anything else that does not fit is an error naming the keys and shapes."""
@@ -263,6 +278,7 @@ def from_pretrained(
     if unknown:
         raise CvtLabError(f"unknown model options: {', '.join(unknown)}")
     cfg = type(cfg)(**values)
+    name = name or _registered_name(cfg)
     net = build_model(cfg, name or "model")
     net.model_name = name or "custom"
     load_weights(net, ckpt)
