@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from PIL import Image
 from transformers import CvtConfig as HFConfig
 from transformers import CvtForImageClassification
 
@@ -139,17 +140,30 @@ def test_missing_and_unknown_keys_are_listed(tmp_path):
 def test_broken_foreign_and_pickled_files_are_clear_errors(tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CvtLabError, match="broken.pth: not a readable PyTorch checkpoint"):
+    neither = r"not a PyTorch checkpoint \(neither a zip nor a pickle\)"
+    with pytest.raises(CvtLabError, match="broken.pth: " + neither):
         cvtlab.from_pretrained(broken)
-    text = tmp_path / "notes.pth"  # the weights-only unpickler fails on "j" with a KeyError
+    text = tmp_path / "notes.pth"
     text.write_text("junk\n")
-    with pytest.raises(CvtLabError, match="notes.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(CvtLabError, match="notes.pth: " + neither):
         cvtlab.from_pretrained(text)
-    # An arbitrary pickled object is refused, never executed (weights_only=True).
+    photo = tmp_path / "photo.jpg"  # an image given where weights go
+    Image.new("RGB", (8, 8)).save(photo)
+    with pytest.raises(CvtLabError, match="photo.jpg: " + neither):
+        cvtlab.from_pretrained(photo)
+    whole = tmp_path / "whole.pth"
+    torch.save({"w": torch.zeros(1000)}, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(CvtLabError, match="cut.pth: not a readable PyTorch checkpoint"):
+        cvtlab.from_pretrained(cut)
+    # An arbitrary pickled object is refused, never executed (weights_only=True), and the
+    # message does not pass on PyTorch's advice to load it with weights_only=False.
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps(ValueError("boom")))
-    with pytest.raises(CvtLabError, match="evil.pth"):
+    with pytest.raises(CvtLabError, match="evil.pth: .*objects besides tensors") as refused:
         cvtlab.from_pretrained(evil)
+    assert "weights_only" not in str(refused.value)
     foreign = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, foreign)
     with pytest.raises(CvtLabError, match="cannot tell which architecture"):
@@ -183,6 +197,10 @@ def test_safetensors_round_trip_keeps_architecture_and_class_names(tmp_path):
     ).eval()
     with torch.no_grad():
         assert torch.equal(seed_loaded(x), seed(x))
+    # Without a head (num_classes=0): the pooled features the trained model classifies.
+    features = cvtlab.from_pretrained(path, num_classes=0).eval()
+    with torch.no_grad():
+        assert torch.equal(model.head(features(x)), model(x))
 
 
 def test_hub_id_offline_gives_a_clear_error():

@@ -1894,3 +1894,15 @@ def test_resuming_refuses_what_the_checkpoint_cannot_go_on_with_and_keeps_its_co
         assert says in r.stderr
         # A refused resume leaves the run as it was: the next one goes on with its settings.
         assert (run / "config.yaml").read_text() == config
+
+
+def test_summary_of_a_trained_model_is_its_own_architecture_and_head(trained):
+    from cvtlab.inference import load_predictor
+
+    out, _ = trained
+    r = run_cli_here("summary", str(out), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    table = json.loads(r.stdout)
+    want = load_predictor(out).model
+    assert table["total_params"] == sum(p.numel() for p in want.parameters())
+    assert table["layers"][-1]["output_shape"] == [10]  # the run's 10 classes

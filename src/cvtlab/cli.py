@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import CvtLabError, RunInterrupted
 
@@ -48,6 +49,11 @@ def _cmd_models(args: argparse.Namespace) -> None:
         )
 
 
+def _is_weights(path: Path) -> bool:
+    """A path ``from_pretrained`` reads: a folder, or a weights file (not a recipe's YAML)."""
+    return path.is_dir() or (path.is_file() and path.suffix.lower() not in (".yaml", ".yml"))
+
+
 def _cmd_summary(args: argparse.Namespace) -> None:
     import torch
 
@@ -55,6 +61,15 @@ def _cmd_summary(args: argparse.Namespace) -> None:
     from .summary import format_summary, summarize
 
     name, overrides, img_size = args.model, {}, args.img_size
+    if name not in list_models() and _is_weights(Path(name)):
+        # A trained model (a run folder, a checkpoint, an export, official weights): its own
+        # architecture and classes.
+        from .models.pretrained import from_pretrained
+
+        heads = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        model = from_pretrained(name, **heads).eval()
+        print(format_summary(summarize(model, img_size), args.format))
+        return
     if name not in list_models():
         from .train.config import make_config, recipe_path
 
@@ -131,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
-    p.add_argument("model", help="a registered model, or a recipe (its model and overrides)")
+    p.add_argument(
+        "model",
+        help="a registered model, a recipe (its model and overrides), or a trained model: a run "
+        "folder, a .ckpt, a .safetensors export, an official .pth or a Hugging Face folder",
+    )
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument(
         "--num-classes", type=_classes, default=None, help="0: no head (the pooled features)"

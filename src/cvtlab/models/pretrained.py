@@ -72,13 +72,23 @@ def load_state_dict_file(path: str | Path) -> Checkpoint:
         config = _config_from_meta(json.loads(meta[_META_CONFIG])) if _META_CONFIG in meta else None
         classes = json.loads(meta[_META_CLASSES]) if _META_CLASSES in meta else None
         return _normalise(Checkpoint(state_dict, source, name, config, classes))
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # PyTorch writes a zip archive, or before 1.6 a bare pickle (protocol 2 and up start 0x80).
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CvtLabError(f"{source}: not a PyTorch checkpoint (neither a zip nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        # Any error means the same here. A text file's first bytes send the weights-only
-        # unpickler to a KeyError whose message is a bare number, which would only confuse.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        detail = f" ({first})" if first and not isinstance(e, KeyError) else ""
+        text = str(e).strip()
+        if text.startswith("Weights only load failed"):
+            # PyTorch's advice here is to load with weights_only=False, which runs any code
+            # the file holds; cvtlab never does.
+            detail = " (it holds objects besides tensors and plain data, which cvtlab refuses)"
+        else:
+            # A cut-off file and the like; a KeyError's message is a bare number, no help.
+            first = text.splitlines()[0] if text else ""
+            detail = f" ({first})" if first and not isinstance(e, KeyError) else ""
         raise CvtLabError(f"{source}: not a readable PyTorch checkpoint{detail}") from None
     if not isinstance(obj, dict):
         raise CvtLabError(f"{source}: expected a state dict, found {type(obj).__name__}")
@@ -203,9 +213,10 @@ def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
     own = model.state_dict()
     sd = dict(ckpt.state_dict)
     head_keys = [k for k in own if k.startswith("head.")]
-    if any(k in sd and sd[k].shape != own[k].shape for k in head_keys):
-        for k in head_keys:
-            sd.pop(k, None)
+    # A head of another size, or none at all (num_classes=0, the pooled features), is the
+    # model's own: the checkpoint's is left out.
+    if not head_keys or any(k in sd and sd[k].shape != own[k].shape for k in head_keys):
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     for key, value in sd.items():
         if key in own and value.shape != own[key].shape:
             raise CvtLabError(
