@@ -252,20 +252,7 @@ def evaluate(
     if not data:
         raise CvtLabError(f"{checkpoint}: no config.yaml beside the checkpoint, so pass --data")
     decoded = open_decoded(resolve_data(data), predictor.img_size)
-    if len(decoded.classes) != len(predictor.class_names):
-        raise CvtLabError(
-            f"{data}: has {len(decoded.classes)} classes but the checkpoint predicts {len(predictor.class_names)}"
-        )
-    if predictor.names_known and decoded.class_names != predictor.class_names:
-        # Same count, other classes (or another order): every label would be scored against
-        # the wrong output, and the accuracy would look like a badly trained model's.
-        i = next(
-            i for i, (a, b) in enumerate(zip(decoded.class_names, predictor.class_names)) if a != b
-        )
-        raise CvtLabError(
-            f"{data}: its classes are not the checkpoint's (class {i} is "
-            f"{decoded.class_names[i]!r} here, {predictor.class_names[i]!r} in the checkpoint)"
-        )
+    model_label = _model_labels(decoded.class_names, predictor, data)
     if split == "all":
         # Every labelled image: for a dataset the model never trained on (a test set of your
         # own), where a carved-out share would score a fifth of it.
@@ -293,12 +280,13 @@ def evaluate(
             rows_b = idx[a : a + batch_size]
             # uint8 to the device, then normalised there: a quarter of the bytes to move.
             x = normalize(torch.from_numpy(np.asarray(decoded.images[rows_b])).to(device))
-            y = torch.from_numpy(decoded.labels[rows_b].astype(np.int64)).to(device)
+            y = torch.from_numpy(model_label[decoded.labels[rows_b]]).to(device)
             logits = view_averaged(model, x.to(dtype), flip, shift)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             for m in (top1, top5, per_class):
                 m.update(logits, y)
     accs = per_class.compute().tolist()
+    present = np.unique(decoded.labels[idx])  # a held-out set may hold some classes only
     return {
         "checkpoint": str(checkpoint),
         "data": str(data),
@@ -309,12 +297,37 @@ def evaluate(
         "shift": shift,
         "compiled": compile,
         "n": int(len(idx)),
+        "num_classes": k,  # the model's; the data may hold fewer
         "top1": float(top1.compute()),
         "top5": float(top5.compute()),
         "loss": loss_sum / len(idx),
-        "per_class": {name: float(a) for name, a in zip(predictor.class_names, accs)},
+        "per_class": {decoded.class_names[i]: float(accs[model_label[i]]) for i in present},
         "machine": describe_machine(),
     }
+
+
+def _model_labels(class_names: list[str], predictor, data: str) -> np.ndarray:
+    """The model's output index for each of the data's labels. Classes are matched by name, so
+    a held-out set may hold some of the model's classes, in any order; a class the model does
+    not know is refused, as is another number of classes for weights without class names."""
+    k = len(predictor.class_names)
+    if not predictor.names_known:
+        if len(class_names) != k:
+            raise CvtLabError(
+                f"{data}: has {len(class_names)} classes but the checkpoint predicts {k} "
+                "(and has no class names to match them by)"
+            )
+        return np.arange(k, dtype=np.int64)
+    index = {name: i for i, name in enumerate(predictor.class_names)}
+    unknown = [name for name in class_names if name not in index]
+    if unknown:
+        # Scoring them would report a wrong accuracy, like a badly trained model's.
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise CvtLabError(
+            f"{data}: classes the checkpoint does not predict: "
+            f"{', '.join(repr(n) for n in unknown[:3])}{more} (it knows {k} classes)"
+        )
+    return np.array([index[name] for name in class_names], dtype=np.int64)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -338,7 +351,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(
         f"{result['split']} of {result['data']}{averaged}: "
         f"n={result['n']}  top-1 {result['top1']:.4f}"
-        f"{_top5_text(result['top5'], len(result['per_class']), '  ')}  loss {result['loss']:.4f}"
+        f"{_top5_text(result['top5'], result['num_classes'], '  ')}  loss {result['loss']:.4f}"
     )
     worst = sorted(result["per_class"].items(), key=lambda kv: kv[1])[:10]
     print("lowest per-class accuracy: " + ", ".join(f"{n.split(',')[0]} {a:.2f}" for n, a in worst))
