@@ -222,6 +222,8 @@ def test_eval_matches_classes_by_name_on_a_held_out_set_with_some_of_them(traine
     assert r.returncode == 0, r.stderr
     scored = json.loads(r.stdout)
     assert scored["n"] == 12 and scored["num_classes"] == 10
+    lo, hi = scored["top1_ci95"]
+    assert lo <= scored["top1"] <= hi
     assert set(scored["per_class"]) == set(picked)
     # The same figures by hand: the model's predictions against its own indices for the names.
     from cvtlab.data.cache import open_decoded
@@ -1943,3 +1945,16 @@ def test_summary_of_a_trained_model_is_its_own_architecture_and_head(trained):
     want = load_predictor(out).model
     assert table["total_params"] == sum(p.numel() for p in want.parameters())
     assert table["layers"][-1]["output_shape"] == [10]  # the run's 10 classes
+
+
+def test_wilson_interval_of_an_accuracy():
+    from cvtlab.train.commands import wilson_interval
+
+    z2 = 1.96**2
+    # All of n right: the lower end is n / (n + z²); none right: the upper end z² / (n + z²).
+    assert wilson_interval(1.0, 24) == pytest.approx([24 / (24 + z2), 1.0])
+    assert wilson_interval(0.0, 24) == pytest.approx([0.0, z2 / (24 + z2)])
+    # Symmetric about one half, and about ±1.96·sqrt(p(1-p)/n) when n is large.
+    lo, hi = wilson_interval(0.5, 10_000)
+    assert (lo + hi) / 2 == pytest.approx(0.5) and hi - lo == pytest.approx(2 * 0.0098, rel=1e-3)
+    assert wilson_interval(0.9, 80)[1] - wilson_interval(0.9, 80)[0] > hi - lo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -299,11 +300,21 @@ def evaluate(
         "n": int(len(idx)),
         "num_classes": k,  # the model's; the data may hold fewer
         "top1": float(top1.compute()),
+        "top1_ci95": wilson_interval(float(top1.compute()), len(idx)),
         "top5": float(top5.compute()),
         "loss": loss_sum / len(idx),
         "per_class": {decoded.class_names[i]: float(accs[model_label[i]]) for i in present},
         "machine": describe_machine(),
     }
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% (Wilson score) interval of an accuracy measured on ``n`` images: how far the
+    figure could move with another sample of that size from the same distribution. On 10,000
+    images about ±1 point at 50%: two models closer than that are not told apart by the test."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def _model_labels(class_names: list[str], predictor, data: str) -> np.ndarray:
@@ -350,7 +361,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     averaged = f" (averaged with the {' and '.join(views)} views)" if views else ""
     print(
         f"{result['split']} of {result['data']}{averaged}: "
-        f"n={result['n']}  top-1 {result['top1']:.4f}"
+        f"n={result['n']}  top-1 {result['top1']:.4f} "
+        f"(95% CI {result['top1_ci95'][0]:.4f}-{result['top1_ci95'][1]:.4f})"
         f"{_top5_text(result['top5'], result['num_classes'], '  ')}  loss {result['loss']:.4f}"
     )
     worst = sorted(result["per_class"].items(), key=lambda kv: kv[1])[:10]
