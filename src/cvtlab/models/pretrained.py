@@ -259,9 +259,9 @@ def from_pretrained(
     ``source`` is an official microsoft/CvT ``.pth`` file, a Hugging Face
     ``CvtForImageClassification`` folder (``config.json`` + weights) or ``hf:<repo id>``, a
     cvtlab ``.safetensors``/``.ckpt`` file (its EMA weights when the run kept an EMA) or a
-    training run's folder (the checkpoint its test scored). The architecture comes from the file where it says
-    so (Hugging Face config, cvtlab metadata); otherwise from ``model`` or, failing that, from
-    the registered config whose shapes match. ``num_classes`` different from the checkpoint's
+    training run's folder (the checkpoint its test scored). The architecture comes from the
+    file where it says so (Hugging Face config, cvtlab metadata); otherwise from ``model`` or,
+    failing that, from the registered config whose shapes match. ``num_classes`` different from the checkpoint's
     gives a fresh head. ``act_layer`` defaults to what the weights were trained with: QuickGELU
     for official CvT weights in any format, the stored choice for cvtlab's own.
     """
