@@ -820,12 +820,14 @@ def test_onnx_export_carries_what_a_program_needs_to_classify_with_it(trained, t
     class names that ``cvtlab predict`` gives for a photo that is not the model's size."""
     out, _ = trained
     onnx_path = tmp_path / "m.onnx"
-    r = run_cli("export", "--checkpoint", str(out), "--out", str(onnx_path))
+    r = run_cli_here("export", "--checkpoint", str(out), "--out", str(onnx_path))
     assert r.returncode == 0, r.stderr
     photo = tmp_path / "photo.png"
     rng = np.random.default_rng(3)
     Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(photo)
-    r = run_cli("predict", "--checkpoint", str(out), str(photo), "--format", "json", "--topk", "3")
+    r = run_cli_here(
+        "predict", "--checkpoint", str(out), str(photo), "--format", "json", "--topk", "3"
+    )
     assert r.returncode == 0, r.stderr
     want = {p["class"]: p["probability"] for p in json.loads(r.stdout)[0]["predictions"]}
 
