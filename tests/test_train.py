@@ -1058,6 +1058,7 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--model", "cvt_31"], ["unknown model 'cvt_31'"]),
         (["--train-sizes", "0-32"], ["--train-sizes", "'0-32'", "FROM_EPOCH:SIZE"]),
         (["--train-sizes", "0:96:crop"], ["cannot crop 96 px from 64-px images"]),
+        (["--train-sizes", "0:32,2:128"], ["train_sizes: 128 px is above the model's 64 px"]),
         (["--train-sizes", "1:32"], ["train_sizes must be", "starting at epoch 0"]),
         (["--train-sizes", "0:32.5"], ["--train-sizes", "'0:32.5'", "FROM_EPOCH:SIZE"]),
         (["--train-sizes", "0:32,2.5:64"], ["phase from epoch 2.5 needs budget_schedule"]),

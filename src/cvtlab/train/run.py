@@ -350,6 +350,13 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     for _, size, *how in cfg.train_sizes or []:
         if how == ["crop"] and size > img_size:
             raise CvtLabError(f"train_sizes: cannot crop {size} px from {img_size}-px images")
+        if size > img_size:
+            # The images are decoded at the model's size: larger would be them upscaled, and
+            # validation and test stay at the model's size.
+            raise CvtLabError(
+                f"train_sizes: {size} px is above the model's {img_size} px, the size the images "
+                "are decoded at and tested at; set --img-size for a larger model input"
+            )
         try:
             check_img_size(size, getattr(model_cfg, "total_stride", 1), cfg.model)
         except CvtLabError as e:
