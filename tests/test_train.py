@@ -1961,3 +1961,20 @@ def test_wilson_interval_of_an_accuracy():
     lo, hi = wilson_interval(0.5, 10_000)
     assert (lo + hi) / 2 == pytest.approx(0.5) and hi - lo == pytest.approx(2 * 0.0098, rel=1e-3)
     assert wilson_interval(0.9, 80)[1] - wilson_interval(0.9, 80)[0] > hi - lo
+
+
+def test_a_moved_runs_missing_data_says_to_pass_data(trained, shapes_small, tmp_path):
+    """A run folder copied to another machine names its data where it was: eval and resume say
+    so, and take --data with where it is now."""
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(shapes_small), "/elsewhere/shapes"))
+    hint = "/elsewhere/shapes: no such dataset file or folder (the data the run trained on"
+    for args in (["eval", "--checkpoint", str(run)], ["train", "--resume", "--out", str(run)]):
+        r = run_cli_here(*args)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert hint in r.stderr and "pass --data" in r.stderr
+    r = run_cli_here("eval", "--checkpoint", str(run), "--data", str(shapes_small))
+    assert r.returncode == 0, r.stderr

@@ -183,6 +183,13 @@ def _announce_resumed_config(cfg: TrainConfig, path: Path) -> None:
             f"--ema-decay {now['ema_decay']}: the run in {path.parent} trains {kept}, as its "
             "checkpoint does; a resumed run can change the decay, not turn the EMA on or off"
         )
+    data = now["data"]
+    if data == saved.get("data") and data != "tiny-imagenet" and not resolve_data(data).exists():
+        # A run folder moved to another machine, or a relative path from another folder.
+        raise CvtLabError(
+            f"{data}: no such dataset file or folder (the data the run trained on, as its "
+            "config.yaml names it); pass --data with where the data is now"
+        )
     changed = [
         f"{key} {saved[key]!r} -> {now[key]!r}"
         for key in now
