@@ -102,6 +102,16 @@ def download(
     return dest
 
 
+def check_recorded_data(data: str) -> None:
+    """``data`` as a run's ``config.yaml`` records it must still be there: a run folder moved to
+    another machine, or a relative path used from another folder, names data that is not."""
+    if data != "tiny-imagenet" and not resolve_data(data).exists():
+        raise CvtLabError(
+            f"{data}: no such dataset file or folder (the data the run trained on, as its "
+            "config.yaml names it); pass --data with where the data is now"
+        )
+
+
 def resolve_data(data: str) -> Path:
     """``tiny-imagenet`` means the zip in the cache folder; anything else is a path."""
     if data != "tiny-imagenet":

@@ -242,27 +242,19 @@ def evaluate(
     from torchmetrics.classification import MulticlassAccuracy
 
     from ..data.cache import open_decoded
-    from ..data.download import resolve_data
+    from ..data.download import check_recorded_data, resolve_data
     from ..data.splits import plan_splits
     from ..machine import describe_machine
 
     predictor = load_predictor(checkpoint)
     check_shift(shift, predictor.img_size)
     run = predictor.run_config or {}
-    from_run = not data
-    data = data or run.get("data")
     if not data:
-        raise CvtLabError(f"{checkpoint}: no config.yaml beside the checkpoint, so pass --data")
-    try:
-        decoded = open_decoded(resolve_data(data), predictor.img_size)
-    except CvtLabError as e:
-        if from_run and not Path(data).exists():
-            # A run folder moved to another machine, or a relative path from another folder.
-            raise CvtLabError(
-                f"{e} (the data the run trained on, as its config.yaml names it); pass --data "
-                "with where the data is now"
-            ) from None
-        raise
+        data = run.get("data")
+        if not data:
+            raise CvtLabError(f"{checkpoint}: no config.yaml beside the checkpoint, so pass --data")
+        check_recorded_data(data)
+    decoded = open_decoded(resolve_data(data), predictor.img_size)
     model_label = _model_labels(decoded.class_names, predictor, data)
     if split == "all":
         # Every labelled image: for a dataset the model never trained on (a test set of your

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..compare import history_figures
 from ..data.datamodule import ImageDataModule
-from ..data.download import resolve_data
+from ..data.download import check_recorded_data, resolve_data
 from ..errors import CvtLabError, check_creatable
 from ..machine import describe_machine
 from ..models.cvt import check_img_size
@@ -115,7 +115,9 @@ def _is_first_process() -> bool:
     )
 
 
-def _check_out(cfg: TrainConfig, out: Path) -> None:
+def _check_out(cfg: TrainConfig, out: Path) -> dict:
+    """Refuse an ``--out`` the run cannot use; with ``--resume``, return the checkpoint it goes
+    on from (memory-mapped: its tensors are not read)."""
     if out.exists() and not out.is_dir():
         raise CvtLabError(f"--out {out}: is a file; the run folder must be a folder")
     check_creatable(out)
@@ -143,11 +145,12 @@ def _check_out(cfg: TrainConfig, out: Path) -> None:
                 f"--epochs {cfg.epochs}: the run in {out} has trained {done} epochs already; "
                 f"give --epochs {done + 1} or more to train on"
             )
-        return
+        return saved
     if (out / "config.yaml").exists() or (out / "checkpoints").exists():
         raise CvtLabError(
             f"{out} holds another run; pass --resume to continue it or choose another --out"
         )
+    return {}
 
 
 def _epochs_done(checkpoint: dict) -> int | None:
@@ -183,13 +186,8 @@ def _announce_resumed_config(cfg: TrainConfig, path: Path) -> None:
             f"--ema-decay {now['ema_decay']}: the run in {path.parent} trains {kept}, as its "
             "checkpoint does; a resumed run can change the decay, not turn the EMA on or off"
         )
-    data = now["data"]
-    if data == saved.get("data") and data != "tiny-imagenet" and not resolve_data(data).exists():
-        # A run folder moved to another machine, or a relative path from another folder.
-        raise CvtLabError(
-            f"{data}: no such dataset file or folder (the data the run trained on, as its "
-            "config.yaml names it); pass --data with where the data is now"
-        )
+    if now["data"] == saved.get("data"):
+        check_recorded_data(now["data"])
     changed = [
         f"{key} {saved[key]!r} -> {now[key]!r}"
         for key in now
@@ -199,11 +197,10 @@ def _announce_resumed_config(cfg: TrainConfig, path: Path) -> None:
         print("resuming with changed settings: " + "; ".join(changed), flush=True)
 
 
-def _check_resumed_classes(last: Path, class_names: list[str], data: str) -> None:
+def _check_resumed_classes(checkpoint: dict, class_names: list[str], data: str) -> None:
     """The data may have moved (another path, a zip of the folder), not changed its classes:
     a checkpoint's classifier outputs mean the classes it was trained on."""
-    ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    trained = list(ckpt.get("hyper_parameters", {}).get("class_names") or [])
+    trained = list(checkpoint.get("hyper_parameters", {}).get("class_names") or [])
     if trained and trained != list(class_names):
         differ = sorted(set(class_names) ^ set(trained))
         what = (
@@ -305,8 +302,9 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     _quiet_lightning()
     out = Path(cfg.out)
     first = _is_first_process()  # only it checks and claims the folder
+    resumed = {}
     if first:
-        _check_out(cfg, out)
+        resumed = _check_out(cfg, out)
         if cfg.resume:
             _announce_resumed_config(cfg, out / "config.yaml")
     out.mkdir(parents=True, exist_ok=True)
@@ -326,7 +324,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     dm.prepare_data()
     dm.setup()
     if first and cfg.resume:
-        _check_resumed_classes(out / "checkpoints" / "last.ckpt", dm.class_names, cfg.data)
+        _check_resumed_classes(resumed, dm.class_names, cfg.data)
     history = EpochHistory(out / "metrics.csv")
     precision, why = resolve_precision(cfg.precision, cfg.accelerator)
     if first and cfg.precision == "auto":
