@@ -853,6 +853,9 @@ def test_onnx_export_carries_what_a_program_needs_to_classify_with_it(trained, t
     got = {name: float(p) for name, p in zip(names, probs) if name in want}
     assert got == pytest.approx(want, abs=1e-4)
     assert meta["model"] and meta["cvtlab_version"] == cvtlab.__version__
+    # Given back to cvtlab, the export is pointed to ONNX Runtime and to what cvtlab reads.
+    r = run_cli_here("predict", "--checkpoint", str(onnx_path), str(photo))
+    assert r.returncode == 2 and "an ONNX export runs in ONNX Runtime" in r.stderr
 
 
 def _step_of(path):

@@ -76,6 +76,11 @@ def load_state_dict_file(path: str | Path) -> Checkpoint:
         head = f.read(4)
     # PyTorch writes a zip archive, or before 1.6 a bare pickle (protocol 2 and up start 0x80).
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        if path.suffix.lower() == ".onnx":  # an export, for ONNX Runtime and its kin
+            raise CvtLabError(
+                f"{source}: an ONNX export runs in ONNX Runtime, not here; give the run folder, "
+                "its .ckpt or a .safetensors export"
+            )
         raise CvtLabError(f"{source}: not a PyTorch checkpoint (neither a zip nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
