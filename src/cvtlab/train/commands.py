@@ -606,7 +606,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="by default the one --out's suffix names (.safetensors, .onnx)",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the file to write: .safetensors (weights, architecture, class names) or .onnx "
+        "(the network, with class names and preprocessing in its metadata)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
