@@ -289,6 +289,7 @@ def evaluate(
             for m in (top1, top5, per_class):
                 m.update(logits, y)
     accs = per_class.compute().tolist()
+    accuracy = float(top1.compute())
     present = np.unique(decoded.labels[idx])  # a held-out set may hold some classes only
     return {
         "checkpoint": str(checkpoint),
@@ -301,8 +302,8 @@ def evaluate(
         "compiled": compile,
         "n": int(len(idx)),
         "num_classes": k,  # the model's; the data may hold fewer
-        "top1": float(top1.compute()),
-        "top1_ci95": wilson_interval(float(top1.compute()), len(idx)),
+        "top1": accuracy,
+        "top1_ci95": wilson_interval(accuracy, len(idx)),
         "top5": float(top5.compute()),
         "loss": loss_sum / len(idx),
         "per_class": {decoded.class_names[i]: float(accs[model_label[i]]) for i in present},
