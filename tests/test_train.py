@@ -1170,7 +1170,64 @@ def test_checkpoint_of_another_architecture(trained, shapes_small, tmp_path):
         "cvt_xs_64",
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "best.ckpt" in r.stderr
+    assert "a cvt_seed, this run trains a cvt_xs_64; give --model cvt_seed" in r.stderr
+    # Refused before training: nothing claims the folder for the corrected command.
+    assert not (tmp_path / "o" / "config.yaml").exists()
+
+
+def _renamed_classes(shapes_small, folder):
+    """The same images as ``shapes_small``'s training split, under ten other class names."""
+    for i, images in enumerate(sorted((shapes_small / "train").glob("*/images"))):
+        (folder / f"kind {i}").mkdir(parents=True)
+        for path in sorted(images.glob("*.JPEG"))[:24]:
+            (folder / f"kind {i}" / path.name).symlink_to(path)
+    return folder
+
+
+def test_finetuning_on_other_classes_starts_a_fresh_head(trained, shapes_small, tmp_path):
+    from cvtlab.models.pretrained import start_from_pretrained
+
+    out, _ = trained
+    run = cvtlab.from_pretrained(out)
+    saved, run_names = run.state_dict(), run.class_names
+    for class_names, head_from_run in ((run_names, True), ([f"kind {i}" for i in range(10)], 0)):
+        model = cvtlab.create_model("cvt_seed", num_classes=10)
+        fresh = model.head.weight.detach().clone()
+        line = start_from_pretrained(model, out, "cvt_seed", class_names)
+        own = model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in saved.items() if not k.startswith("head."))
+        expected = saved["head.weight"] if head_from_run else fresh
+        assert torch.equal(model.head.weight, expected)
+        assert ("its head included" in line) == head_from_run
+
+    # Through the command: the run says what it started from, in the folder a refused start
+    # left free.
+    data = _renamed_classes(shapes_small, tmp_path / "kinds")
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "ft"), "--epochs", "1"]
+    args += ["--pretrained", str(out), *FAST, "--limit-train-batches", "1"]
+    refused = run_cli_here(*args[:-2], "--model", "cvt_xs_64")
+    assert refused.returncode == 2
+    r = run_cli_here(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"starting from {out}: cvt_seed weights and a fresh 10-class head" in r.stdout
+    assert "(its head predicts 10 other classes)" in r.stdout
+
+
+def test_a_schedule_phase_the_epochs_never_reach_is_named(capsys):
+    from cvtlab.train.config import TrainConfig
+    from cvtlab.train.run import _warn_unreached_phases
+
+    cfg = TrainConfig(epochs=3, train_sizes=[[0, 32], [4, 64]], train_batch_sizes=[[0, 256]])
+    _warn_unreached_phases(cfg, 64)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "cvtlab: warning: train_sizes: the phase from epoch 4 (64 px) never starts in a "
+        "3-epoch run, which trains at 32 px while validation and test run at 64 px; give "
+        "--epochs 5 or more"
+    ]
+    cfg = TrainConfig(epochs=5, train_sizes=[[0, 32], [4, 64]], train_batch_sizes=[[0, 256]])
+    _warn_unreached_phases(cfg, 64)
+    assert capsys.readouterr().err == ""
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shapes_small, tmp_path):

@@ -212,15 +212,20 @@ def _registered_name(cfg: CvTConfig | SeedConfig) -> str | None:
     return None
 
 
-def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
+def load_weights(model: nn.Module, ckpt: Checkpoint, fresh_head: bool = False) -> bool:
     """Copy ``ckpt`` into ``model``; a different head size is skipped (the model keeps its fresh
-    head), anything else that does not fit is an error naming the keys and shapes."""
+    head), anything else that does not fit is an error naming the keys and shapes. Returns
+    whether the checkpoint's head was loaded (``fresh_head``: never)."""
     own = model.state_dict()
     sd = dict(ckpt.state_dict)
     head_keys = [k for k in own if k.startswith("head.")]
     # A head of another size, or none at all (num_classes=0, the pooled features), is the
     # model's own: the checkpoint's is left out.
-    if not head_keys or any(k in sd and sd[k].shape != own[k].shape for k in head_keys):
+    if (
+        fresh_head
+        or not head_keys
+        or any(k in sd and sd[k].shape != own[k].shape for k in head_keys)
+    ):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     for key, value in sd.items():
         if key in own and value.shape != own[key].shape:
@@ -242,13 +247,44 @@ def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
             )
         raise CvtLabError(f"{ckpt.source}: does not fit this architecture ({'; '.join(parts)})")
     model.load_state_dict(sd, strict=False)
-    if ckpt.class_names and len(ckpt.class_names) == getattr(model, "num_classes", -1):
+    head_loaded = bool(head_keys) and all(k in sd for k in head_keys)
+    if head_loaded and ckpt.class_names and len(ckpt.class_names) == model.num_classes:
         model.class_names = list(ckpt.class_names)
+    return head_loaded
 
 
 def load_pretrained_into(model: nn.Module, source: str | Path) -> nn.Module:
     load_weights(model, read_checkpoint(source))
     return model
+
+
+def start_from_pretrained(
+    model: nn.Module, source: str | Path, model_name: str, class_names: list[str]
+) -> str:
+    """Load ``source`` into a model about to be trained on ``class_names``; returns a line that
+    says what was loaded. The checkpoint's head is kept only for the same classes: a head
+    trained on other classes (by name, where the checkpoint names them) starts fresh, since its
+    outputs would mean the wrong classes."""
+    ckpt = read_checkpoint(source)
+    other_classes = bool(ckpt.class_names) and list(ckpt.class_names) != list(class_names)
+    try:
+        head_loaded = load_weights(model, ckpt, fresh_head=other_classes)
+    except CvtLabError as e:
+        if ckpt.model_name and ckpt.model_name != model_name:
+            raise CvtLabError(
+                f"--pretrained {source}: its weights are a {ckpt.model_name}, this run trains a "
+                f"{model_name}; give --model {ckpt.model_name} to start from them"
+            ) from None
+        raise CvtLabError(f"--pretrained {e}") from None
+    kind = ckpt.model_name or model_name
+    if head_loaded:
+        return f"starting from {source}: {kind} weights, its head included"
+    head = ckpt.state_dict.get("head.weight")
+    count = len(ckpt.class_names or []) or (head.shape[0] if head is not None else 0)
+    other = "other " if ckpt.class_names and count == len(class_names) else ""
+    had = f"its head predicts {count} {other}classes" if count else "it has no head"
+    fresh = f"a fresh {len(class_names)}-class head"
+    return f"starting from {source}: {kind} weights and {fresh} ({had})"
 
 
 def from_pretrained(

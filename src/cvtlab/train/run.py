@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import uuid
 import warnings
 import zipfile
@@ -22,7 +23,7 @@ from ..data.download import check_recorded_data, resolve_data
 from ..errors import CvtLabError, check_creatable
 from ..machine import describe_machine
 from ..models.cvt import check_img_size
-from ..models.pretrained import load_pretrained_into
+from ..models.pretrained import start_from_pretrained
 from ..models.registry import get_config
 from .callbacks import (
     AtomicCheckpointIO,
@@ -151,6 +152,23 @@ def _check_out(cfg: TrainConfig, out: Path) -> dict:
             f"{out} holds another run; pass --resume to continue it or choose another --out"
         )
     return {}
+
+
+def _warn_unreached_phases(cfg: TrainConfig, img_size: int) -> None:
+    """A phase from an epoch the run never reaches is most likely a recipe's schedule kept with
+    a shorter ``--epochs``: say so, and what the run trains at instead."""
+    for key, unit in (("train_sizes", "px"), ("train_batch_sizes", "images a batch")):
+        unreached = [e for e in getattr(cfg, key) or [] if e[0] >= cfg.epochs]
+        if not unreached:
+            continue
+        start, value = unreached[0][:2]
+        line = f"{key}: the phase from epoch {start} ({value} {unit}) never starts in a "
+        line += f"{cfg.epochs}-epoch run"
+        reached = train_size_at(cfg.train_sizes, cfg.epochs - 1)
+        if key == "train_sizes" and reached and reached[0] != img_size:
+            line += f", which trains at {reached[0]} px while validation and test run at "
+            line += f"{img_size} px"
+        print(f"cvtlab: warning: {line}; give --epochs {int(start) + 1} or more", file=sys.stderr)
 
 
 def _epochs_done(checkpoint: dict) -> int | None:
@@ -312,6 +330,8 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     if cfg.matmul_precision:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     img_size = cfg.img_size or get_config(cfg.model).img_size
+    if first:
+        _warn_unreached_phases(cfg, img_size)
     dm = ImageDataModule(
         resolve_data(cfg.data),
         img_size=img_size,
@@ -332,8 +352,6 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     if cfg.resume:
         extra_callbacks = (*extra_callbacks, _SaveConfigOnceRestored(cfg, out / "config.yaml"))
     trainer = build_trainer(cfg, out, history, extra_callbacks, precision)
-    if first and not cfg.resume:
-        save_config(cfg, out / "config.yaml")
 
     steps_per_epoch = len(dm.rows["train"]) // (cfg.batch_size * trainer.world_size)
     if cfg.limit_train_batches:
@@ -396,7 +414,9 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     if cfg.train_batch_sizes:
         dm.batch_size_now = module.train_batch_size
     if cfg.pretrained and not cfg.resume:
-        load_pretrained_into(module.model, cfg.pretrained)
+        loaded = start_from_pretrained(module.model, cfg.pretrained, cfg.model, dm.class_names)
+        if first:
+            print(loaded, flush=True)
     if cfg.whiten_stem and not cfg.resume:
         # The images of the first epochs, at the size they are trained at.
         first = train_size_at(cfg.train_sizes, 0.0)
@@ -405,6 +425,10 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     if (cfg.pretrained or cfg.whiten_stem) and not cfg.resume and module.ema is not None:
         module.ema.set(module.model)
 
+    if first and not cfg.resume:
+        # Only now, after every check: a run refused before it trains leaves no config.yaml,
+        # which would claim the folder for a run that never was.
+        save_config(cfg, out / "config.yaml")
     last = out / "checkpoints" / "last.ckpt"
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if cfg.resume else None)
