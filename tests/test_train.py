@@ -1077,6 +1077,10 @@ def test_demo_runs_the_whole_workflow_far_above_chance(tmp_path):
         (["--whiten-stem", "--pretrained", "w.pth"], ["--whiten-stem", "--pretrained"]),
         (["--limit-train-batches", "0"], ["--limit-train-batches must be at least 1"]),
         (["--num-nodes", "0"], ["--num-nodes must be at least 1, got 0"]),
+        # Lightning's own checks of the hardware flags, as one line naming them.
+        (["--strategy", "foo"], ["--strategy foo", "invalid strategy name"]),
+        (["--devices", "abc"], ["--devices abc", "should be an int > 0"]),
+        (["--accelerator", "tpu"], ["--accelerator tpu", "torch_xla"]),
     ],
 )
 def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
@@ -1086,6 +1090,8 @@ def test_training_mistakes_are_one_line(shapes_small, tmp_path, args, words):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
     assert all(w in r.stderr for w in words), r.stderr
+    # Refused before training: the corrected command may use the same --out.
+    assert not (tmp_path / "o" / "config.yaml").exists()
 
 
 def test_a_dataset_of_one_class_is_refused_before_training(tmp_path):

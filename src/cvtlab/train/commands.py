@@ -20,10 +20,10 @@ from .config import phase_start, whole_number
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="recipe YAML; flags override its values")
     p.add_argument("--data", help="Tiny ImageNet zip or folder, an image folder, or tiny-imagenet")
-    p.add_argument("--model")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--model", help="a registered model (`cvtlab models` lists them)")
+    p.add_argument("--img-size", type=int, help="the model's input size in pixels")
+    p.add_argument("--epochs", type=int, help="epochs to train (with --resume: in all)")
+    p.add_argument("--batch-size", type=int, help="training images per step and process")
     p.add_argument(
         "--lr", type=float, help="peak learning rate at batch size 512 (scaled linearly)"
     )
@@ -60,13 +60,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="start the stem's filters as whitened principal components of image patches",
     )
     p.add_argument("--out", help="output folder of the run")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seeds the weights, the data split and order")
     p.add_argument(
-        "--pretrained", help="checkpoint to start from (official .pth, HF folder, cvtlab file)"
+        "--pretrained",
+        help="weights to start from: a run folder, .ckpt, .safetensors, official .pth or "
+        "Hugging Face folder",
     )
     p.add_argument("--devices", help="number of devices, or a list like 0,1")
     p.add_argument("--accelerator", help="cpu, gpu, auto, …")
-    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--num-nodes", type=int, help="machines in a DDP run (NODE_RANK tells each)")
     p.add_argument("--strategy", help="auto, ddp, …")
     p.add_argument(
         "--precision", help="32, bf16-mixed, 16-mixed, or auto (the fastest on this machine)"
@@ -554,7 +556,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="test (default) or val as the run split its data, or all: every labelled image "
         "of --data, for a held-out set of your own",
     )
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     p.add_argument(
         "--precision",
         default="32",
@@ -583,7 +585,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="image files, folders or zips of them, or a folder in a zip (photos.zip:photos/cats)",
     )
-    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument(
+        "--topk", type=positive_int, default=5, help="classes shown per image (default 5)"
+    )
     p.add_argument(
         "--flip", action="store_true", help="average with the mirror image's probabilities"
     )

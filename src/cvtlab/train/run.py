@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..compare import history_figures
@@ -282,36 +283,46 @@ def build_trainer(
     devices = cfg.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
-    return L.Trainer(
-        max_epochs=cfg.epochs,
-        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
-        limit_train_batches=cfg.limit_train_batches,
-        accelerator=cfg.accelerator,
-        devices=devices,
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=precision or cfg.precision,
-        gradient_clip_val=cfg.grad_clip,
-        callbacks=[
-            history,
-            last,
-            best,
-            epoch_end,
-            StopOnSignal(ckpt_dir / "last.ckpt", out),
-            progress,
-            *extra_callbacks,
-        ],
-        logger=_logger(cfg, out),
-        default_root_dir=out,
-        use_distributed_sampler=False,
-        plugins=[AtomicCheckpointIO()],
-        enable_model_summary=False,
-        enable_progress_bar=isinstance(progress, TQDMProgressBar),
-        log_every_n_steps=10,
-        num_sanity_val_steps=0,
-        # cuDNN picks the fastest kernels for each input shape once (a few shapes per run).
-        benchmark=True,
-    )
+    callbacks = [
+        history,
+        last,
+        best,
+        epoch_end,
+        StopOnSignal(ckpt_dir / "last.ckpt", out),
+        progress,
+        *extra_callbacks,
+    ]
+    logger = _logger(cfg, out)
+    try:
+        return L.Trainer(
+            max_epochs=cfg.epochs,
+            max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+            limit_train_batches=cfg.limit_train_batches,
+            accelerator=cfg.accelerator,
+            devices=devices,
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
+            precision=precision or cfg.precision,
+            gradient_clip_val=cfg.grad_clip,
+            callbacks=callbacks,
+            logger=logger,
+            default_root_dir=out,
+            use_distributed_sampler=False,
+            plugins=[AtomicCheckpointIO()],
+            enable_model_summary=False,
+            enable_progress_bar=isinstance(progress, TQDMProgressBar),
+            log_every_n_steps=10,
+            num_sanity_val_steps=0,
+            # cuDNN picks the fastest kernels for each input shape once (a few shapes per run).
+            benchmark=True,
+        )
+    except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as e:
+        # Lightning's checks of the hardware flags (no GPU, an unknown strategy, no such devices,
+        # an accelerator whose package is missing): one line naming the flags.
+        given = f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy "
+        given += f"{cfg.strategy} --num-nodes {cfg.num_nodes}"
+        reason = " ".join(str(e).split())
+        raise CvtLabError(f"{given}: {reason}") from None
 
 
 def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
@@ -330,8 +341,6 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     if cfg.matmul_precision:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     img_size = cfg.img_size or get_config(cfg.model).img_size
-    if first:
-        _warn_unreached_phases(cfg, img_size)
     dm = ImageDataModule(
         resolve_data(cfg.data),
         img_size=img_size,
@@ -384,6 +393,8 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
             check_img_size(size, getattr(model_cfg, "total_stride", 1), cfg.model)
         except CvtLabError as e:
             raise CvtLabError(f"train_sizes: {e}") from None
+    if first:
+        _warn_unreached_phases(cfg, img_size)
     module = CvTClassifier(
         model=cfg.model,
         model_config=model_cfg.to_dict(),
