@@ -98,6 +98,23 @@ def test_data_info_tells_which_splits_have_no_labels(shapes_small, tmp_path):
     assert info(str(root))["unlabelled"] == []
 
 
+def test_data_info_says_which_images_a_run_trains_validates_and_tests_on(shapes_small, tmp_path):
+    """Tiny ImageNet's held-out test set is its official val split and validation is carved
+    from train: the split counts as stored would mislead without the run's own."""
+    from cvtlab.data.commands import info
+
+    r = run_cli_here("data", "info", str(shapes_small))
+    assert "a training run uses: train 500, val 100 (from train), test 100 (from val)" in r.stdout
+    # The official zip extracted into a folder of its own: that folder is the dataset, not an
+    # image folder of one class.
+    outer = tmp_path / "extracted"
+    outer.mkdir()
+    (outer / shapes_small.name).symlink_to(shapes_small)
+    report = info(str(outer))
+    assert (report["kind"], report["classes"], report["path"]) == ("tiny-imagenet", 10, str(outer))
+    assert report["run_splits"]["test"] == {"images": 100, "from": ["val"]}
+
+
 @pytest.mark.slow
 def test_real_zip_splits_policy(tiny_decoded):
     rows = plan_splits(tiny_decoded, val_per_class=10, seed=0)

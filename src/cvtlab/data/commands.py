@@ -11,11 +11,13 @@ def info(data: str, img_size: int = 64) -> dict:
     from .cache import open_decoded
     from .download import resolve_data
 
-    d = open_decoded(resolve_data(data), img_size)
+    path = resolve_data(data)
+    d = open_decoded(path, img_size)
     m = d.manifest
     splits = {k: b - a for k, (a, b) in m["splits"].items()}
     return {
-        "path": str(m["source"]),
+        # The path given: the cache, shared by every path to the same data, keeps the first.
+        "path": str(path),
         "kind": m["kind"],
         "classes": len(m["classes"]),
         "splits": splits,
@@ -26,7 +28,28 @@ def info(data: str, img_size: int = 64) -> dict:
         "sizes": m.get("sizes", {}),
         "skipped": m["skipped"],
         "cache": str(d.root),
+        "run_splits": run_splits(d),
     }
+
+
+def run_splits(d, val_per_class: int = 10) -> dict:
+    """The splits a training run makes of the data (with the default ``val_per_class`` and
+    seed): each one's size and the stored splits its images come from. Tiny ImageNet's
+    official ``val`` is the test set, and validation is carved from ``train``."""
+    from .splits import plan_splits
+
+    try:
+        plan = plan_splits(d, val_per_class)
+    except ValueError:  # no training images: the data can be predicted on, not trained on
+        return {}
+    ranges = d.manifest["splits"]
+    described = {}
+    for name, rows in plan.items():
+        sources = [
+            k for k, (a, b) in ranges.items() if len(rows) and ((rows >= a) & (rows < b)).any()
+        ]
+        described[name] = {"images": int(len(rows)), "from": sources}
+    return described
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -45,6 +68,12 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"    {s['file']}: {s['reason']}")
     if len(report["skipped"]) > 20:
         print(f"    … and {len(report['skipped']) - 20} more (see --format json)")
+    if report["run_splits"]:
+        parts = []
+        for name, split in report["run_splits"].items():
+            carved = "" if split["from"] == [name] else f" (from {', '.join(split['from'])})"
+            parts.append(f"{name} {split['images']}{carved}")
+        print("  a training run uses: " + ", ".join(parts))
     print(f"  decoded cache: {report['cache']}")
 
 

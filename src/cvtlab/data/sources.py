@@ -159,11 +159,23 @@ def walk_tree(root: Path) -> tuple[list[str], set[str]]:
     return sorted(files), folders
 
 
+def _dataset_root(path: Path) -> Path:
+    """A folder that holds nothing but a Tiny ImageNet folder (the official zip extracted into
+    it) stands for that folder, as the zip itself does; read as an image folder it would be one
+    class of 112,000 images."""
+    entries = [e for e in path.iterdir() if not is_system_clutter(e.name)]
+    if len(entries) == 1 and entries[0].is_dir():
+        inner = entries[0]
+        if (inner / "wnids.txt").is_file() and (inner / "train").is_dir():
+            return inner
+    return path
+
+
 def open_source(path: str | Path) -> Source:
     """A zip file or a folder; anything else is a one-line error."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return DirSource(path)
+        return DirSource(_dataset_root(path))
     if path.is_file():
         return ZipSource(path)
     raise CvtLabError(f"{path}: no such dataset file or folder")
