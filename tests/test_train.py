@@ -1325,10 +1325,17 @@ def test_tensorboard_logger_needs_no_account(shapes_small, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logged = set()  # fit and test each write a file
+    logged, images = set(), set()  # fit, test and the report each write a file
     for events in (out / "logs").glob("events.out.tfevents.*"):
-        logged |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+        tags = EventAccumulator(str(events), size_guidance={"images": 0}).Reload().Tags()
+        logged |= set(tags["scalars"])
+        images |= set(tags["images"])
     assert {"train_loss_epoch", "val_top1", "val_loss", "test_top1"} <= logged, logged
+    # The report's figures are in TensorBoard's Images tab, and the whole recipe in its hparams.
+    assert images == {f"report/{p.stem}" for p in (out / "report").glob("*.png")}, images
+    assert len(images) == 3
+    hparams = yaml.full_load((out / "logs" / "hparams.yaml").read_text())  # betas: a tuple
+    assert hparams["run"]["data"] == str(shapes_small) and hparams["run"]["epochs"] == 1
 
 
 def test_wandb_logs_offline_and_a_resumed_run_continues_its_wandb_run(shapes_small, tmp_path):
@@ -1345,6 +1352,11 @@ def test_wandb_logs_offline_and_a_resumed_run_continues_its_wandb_run(shapes_sma
     run_id = (out / "wandb_run_id").read_text().strip()
     [first] = (out / "wandb").glob("offline-run-*")
     assert first.name.endswith(f"-{run_id}") and (first / f"run-{run_id}.wandb").stat().st_size
+    # The report's three figures are images of the W&B run, and its config holds the recipe
+    # (the run's own settings, such as its data and time budget, not only the model's).
+    assert len(list((first / "files" / "media" / "images").glob("report_*.png"))) == 3
+    record = (first / f"run-{run_id}.wandb").read_bytes()
+    assert f'"data":"{shapes_small}"'.encode() in record and b'"max_minutes":null' in record
     r = run_cli("train", "--resume", "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted((out / "wandb").glob("offline-run-*"))

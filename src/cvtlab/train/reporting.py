@@ -57,3 +57,26 @@ def write_report(out: Path, module, dm, rows: list[dict], n_predictions: int = 2
         )
         (report / "per_class_accuracy.json").write_text(json.dumps(table, indent=2))
     warn_missing_glyphs(str(report))
+
+
+def send_report_to_logger(logger, report: Path) -> None:
+    """The report's figures, for a run followed in Weights & Biases or TensorBoard rather than
+    in its folder: W&B gets them as images of the run, TensorBoard in its Images tab."""
+    pngs = sorted(report.glob("*.png"))
+    if not logger or not pngs:
+        return
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_image(
+            key="report", images=[str(p) for p in pngs], caption=[p.stem for p in pngs]
+        )
+    elif isinstance(logger, TensorBoardLogger):
+        from PIL import Image
+
+        writer = logger.experiment
+        for path in pngs:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"))
+            writer.add_image(f"report/{path.stem}", pixels, dataformats="HWC")
+        writer.flush()

@@ -440,6 +440,10 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
         # Only now, after every check: a run refused before it trains leaves no config.yaml,
         # which would claim the folder for a run that never was.
         save_config(cfg, out / "config.yaml")
+    if trainer.logger:
+        # The whole recipe (data, epochs, seed, precision …) beside the model's settings, which
+        # Lightning logs itself: what a W&B or TensorBoard user filters and compares runs by.
+        trainer.logger.log_hyperparams({"run": cfg.to_dict()})
     last = out / "checkpoints" / "last.ckpt"
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if cfg.resume else None)
@@ -460,10 +464,11 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     metrics["machine"] = describe_machine()
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        from .reporting import write_report
+        from .reporting import send_report_to_logger, write_report
 
         history.write()
         write_report(out, module, dm, rows)
+        send_report_to_logger(trainer.logger, out / "report")
     return metrics
 
 
