@@ -107,6 +107,40 @@ def test_official_pth_with_model_name_and_inferred(tmp_path):
         assert torch.equal(named(x), want) and torch.equal(inferred(x), want)
 
 
+def test_official_imagenet_weights_know_their_classes_and_score_wordnet_folders(tmp_path):
+    """Official files carry no class names: their 1,000 outputs are ImageNet-1k's, in sorted
+    WordNet-id order, so they predict named classes and score a folder of wnid-named classes
+    (ImageNet's own layout, here three of them) by id."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from cvtlab.inference import read_image
+    from cvtlab.train.commands import evaluate
+
+    _, path = official_checkpoint(tmp_path)
+    model = cvtlab.from_pretrained(path).eval()
+    assert len(model.class_names) == 1000 and model.class_names[281] == "tabby, tabby cat"
+    wanted = {"n01443537": 1, "n02123045": 281, "n15075141": 999}  # goldfish, tabby, tissue
+    files, targets = [], []
+    for k, (wnid, index) in enumerate(wanted.items()):
+        for j in range(2):
+            file = tmp_path / "val" / wnid / f"{j}.png"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (90, 70), (60 * k, 90 * j, 30)).save(file)
+            files.append(file)
+            targets.append(index)
+    result = evaluate(str(path), str(tmp_path / "val"), "all", batch_size=4)
+    images = np.stack([read_image(f, 224) for f in files])
+    from cvtlab.data.augment import normalize
+
+    with torch.no_grad():
+        logits = model(normalize(torch.from_numpy(images)))
+    expected = F.cross_entropy(logits, torch.tensor(targets)).item()
+    assert result["n"] == 6 and result["num_classes"] == 1000
+    assert abs(result["loss"] - expected) < 1e-4
+    assert set(result["per_class"]) == set(wanted)
+
+
 def test_other_num_classes_replaces_only_the_head(tmp_path):
     ref, path = official_checkpoint(tmp_path)
     model = cvtlab.from_pretrained(path, num_classes=200)

@@ -15,6 +15,7 @@ from torch import nn
 from .data.augment import normalize
 from .data.decode import DecodeError, decode_image
 from .errors import CvtLabError
+from .models.imagenet import imagenet_1k_aliases, is_imagenet_1k
 
 
 @dataclass
@@ -26,6 +27,9 @@ class Predictor:
     # False when the weights came without class names (an official .pth, a Hugging Face folder
     # without labels): ``class_names`` are then the output indices as strings.
     names_known: bool = True
+    # Other names of the classes, for matching data to outputs: an ImageNet-1k model's classes
+    # also go by their WordNet ids and descriptions (models/imagenet.py).
+    aliases: dict[str, int] | None = None
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray, flip: bool = False, shift: int = 0) -> torch.Tensor:
@@ -166,7 +170,8 @@ def load_predictor(checkpoint: str | Path) -> Predictor:
         model.class_names = names
     else:
         names = [str(i) for i in range(model.num_classes)]
-    return Predictor(model, names, int(model.img_size), _run_config(path), known)
+    aliases = imagenet_1k_aliases() if known and is_imagenet_1k(names, len(names)) else None
+    return Predictor(model, names, int(model.img_size), _run_config(path), known, aliases)
 
 
 def resolve_device(device: str) -> str:

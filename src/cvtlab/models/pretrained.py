@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import CvtLabError
 from .convert import config_from_hf, hf_to_cvtlab, is_hf_state_dict
 from .cvt import CvTConfig
+from .imagenet import imagenet_1k_classes, is_imagenet_1k
 from .registry import MODEL_CONFIGS, build_model, get_config
 from .seed import SeedConfig
 
@@ -334,6 +335,8 @@ def from_pretrained(
     net = build_model(cfg, name or "model")
     net.model_name = name or "custom"
     load_weights(net, ckpt)
+    if ckpt.config is None and not ckpt.class_names and is_imagenet_1k(None, net.num_classes):
+        net.class_names = list(imagenet_1k_classes()[1])  # an official file's 1,000 classes
     return net
 
 

@@ -324,8 +324,9 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> list[float]:
 
 def _model_labels(class_names: list[str], predictor, data: str) -> np.ndarray:
     """The model's output index for each of the data's labels. Classes are matched by name, so
-    a held-out set may hold some of the model's classes, in any order; a class the model does
-    not know is refused, as is another number of classes for weights without class names."""
+    a held-out set may hold some of the model's classes, in any order (an ImageNet-1k model's
+    also by WordNet id); a class the model does not know is refused, as is another number of
+    classes for weights without class names."""
     k = len(predictor.class_names)
     if not predictor.names_known:
         if len(class_names) != k:
@@ -334,7 +335,8 @@ def _model_labels(class_names: list[str], predictor, data: str) -> np.ndarray:
                 "(and has no class names to match them by)"
             )
         return np.arange(k, dtype=np.int64)
-    index = {name: i for i, name in enumerate(predictor.class_names)}
+    index = {**(predictor.aliases or {})}
+    index.update({name: i for i, name in enumerate(predictor.class_names)})
     unknown = [name for name in class_names if name not in index]
     if unknown:
         # Scoring them would report a wrong accuracy, like a badly trained model's.
