@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TINY_ZIP, machine  # noqa: E402
 
 from cvtlab.errors import CvtLabError  # noqa: E402
-from cvtlab.train.commands import evaluate  # noqa: E402
+from cvtlab.evaluation import evaluate  # noqa: E402
 from cvtlab.train.config import make_config  # noqa: E402
 from cvtlab.train.run import train  # noqa: E402
 

@@ -30,7 +30,7 @@ from common import TINY_ZIP, machine, write_result  # noqa: E402
 
 from cvtlab.compare import read_history  # noqa: E402
 from cvtlab.errors import CvtLabError, RunInterrupted  # noqa: E402
-from cvtlab.train.commands import evaluate  # noqa: E402
+from cvtlab.evaluation import evaluate  # noqa: E402
 from cvtlab.train.config import make_config  # noqa: E402
 from cvtlab.train.run import train  # noqa: E402
 

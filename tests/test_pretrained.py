@@ -114,8 +114,8 @@ def test_official_imagenet_weights_know_their_classes_and_score_wordnet_folders(
     import numpy as np
     import torch.nn.functional as F
 
+    from cvtlab.evaluation import evaluate
     from cvtlab.inference import read_image
-    from cvtlab.train.commands import evaluate
 
     _, path = official_checkpoint(tmp_path)
     model = cvtlab.from_pretrained(path).eval()

@@ -273,8 +273,9 @@ def test_weights_without_class_names_are_evaluated_predicted_and_exported(
 ):
     """An export without class names (as official weights come) is scored on any data with as
     many classes, predicts numbered classes, and its re-export claims no names."""
+    from cvtlab.evaluation import evaluate
     from cvtlab.inference import load_predictor
-    from cvtlab.train.commands import evaluate, predict
+    from cvtlab.prediction import predict
 
     out, _ = trained
     nameless = tmp_path / "nameless.safetensors"
@@ -649,7 +650,7 @@ def test_predict_a_folder_of_images_and_an_empty_folder(trained, shapes_small, t
     assert "a folder without images" in results[2]["error"]
     assert "1 of 3 images could not be read" in r.stderr
     # Images are predicted in batches: the same answers as one at a time.
-    from cvtlab.train.commands import predict
+    from cvtlab.prediction import predict
 
     one_by_one = predict(str(out), [str(photos)], batch_size=1)
     for a, b in zip(results, one_by_one):
@@ -693,7 +694,7 @@ def test_predict_the_images_in_a_zip_or_in_a_folder_of_one(trained, shapes_small
     assert named[2] in results[2]["error"]
     assert "no images under photos/elsewhere in the zip" in results[5]["error"]
     assert "3 of 6 images could not be read" in r.stderr
-    from cvtlab.train.commands import predict
+    from cvtlab.prediction import predict
 
     files = predict(str(out), [str(images / "test_0.JPEG"), str(images / "test_1.JPEG")])
     for a, b in zip(results[:2], files):
@@ -1795,7 +1796,7 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
     assert (
         torch.load(last, map_location="cpu", weights_only=True)["global_step"] == metrics["steps"]
     )
-    from cvtlab.train.commands import evaluate
+    from cvtlab.evaluation import evaluate
 
     # (the run tested under bf16 autocast, evaluate in fp32: a prediction may flip)
     # The run folder resolves to last.ckpt, the checkpoint this run tested.
@@ -2029,7 +2030,7 @@ def test_summary_of_a_trained_model_is_its_own_architecture_and_head(trained):
 
 
 def test_wilson_interval_of_an_accuracy():
-    from cvtlab.train.commands import wilson_interval
+    from cvtlab.evaluation import wilson_interval
 
     z2 = 1.96**2
     # All of n right: the lower end is n / (n + z²); none right: the upper end z² / (n + z²).

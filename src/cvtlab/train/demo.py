@@ -22,7 +22,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None) -> dic
         flags["max_minutes"] = minutes  # an optional cap; by default the recipe's epochs decide
     cfg = make_config(recipe_path("demo"), **flags)
     print(f"training {cfg.model} for {cfg.epochs} epochs on {data} → {run}")
-    from .commands import predict
+    from ..prediction import predict
     from .run import train
 
     metrics = train(cfg)
