@@ -318,9 +318,10 @@ def build_trainer(
         )
     except (MisconfigurationException, ValueError, TypeError, ModuleNotFoundError) as e:
         # Lightning's checks of the hardware flags (no GPU, an unknown strategy, no such devices,
-        # an accelerator whose package is missing): one line naming the flags.
-        given = f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy "
-        given += f"{cfg.strategy} --num-nodes {cfg.num_nodes}"
+        # an accelerator whose package is missing, a precision it lacks): one line naming them.
+        given = f"--accelerator {cfg.accelerator} --devices {cfg.devices} "
+        given += f"--strategy {cfg.strategy} --num-nodes {cfg.num_nodes} "
+        given += f"--precision {precision or cfg.precision}"
         reason = " ".join(str(e).split())
         raise CvtLabError(f"{given}: {reason}") from None
 
