@@ -636,8 +636,12 @@ def test_data_show_of_a_folder_without_split_folders_shows_its_one_split(tmp_pat
     r = run_cli_here("data", "show", str(root), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert Image.open(out).format == "PNG"
-    r = run_cli_here("data", "show", str(root), "--split", "val", "--out", str(out))
-    assert r.returncode == 2 and "no split 'val' (it has all)" in r.stderr
+    # Its validation and test images are those a training run carves from it.
+    out.unlink()
+    r = run_cli_here("data", "show", str(root), "--split", "test", "--out", str(out))
+    assert r.returncode == 0 and Image.open(out).format == "PNG", r.stderr
+    r = run_cli_here("data", "show", str(root), "--split", "holdout", "--out", str(out))
+    assert r.returncode == 2 and "no split 'holdout' (it has all)" in r.stderr
 
 
 def test_tiff_gif_and_pnm_images_are_read_and_a_cache_that_skipped_them_is_rebuilt(

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
+
+from ..errors import CvtLabError
+
 
 def info(data: str, img_size: int = 64) -> dict:
     """What ``cvtlab data info`` reports, as a dict (decodes the dataset into the cache once)."""
@@ -86,15 +90,20 @@ def _cmd_show(args: argparse.Namespace) -> None:
     split = args.split
     if split is None:  # an image folder without split folders has one split, "all"
         split = "train" if "train" in d.manifest["splits"] else next(iter(d.manifest["splits"]))
-    images, labels = d.split(split)
+    title = f"{args.path} — {split}"
+    if split not in d.manifest["splits"] and split in ("train", "val", "test"):
+        # A folder without split folders: the split a training run carves from it.
+        from .splits import plan_splits
+
+        rows = np.sort(plan_splits(d)[split])
+        images, labels = d.images[rows], d.labels[rows]
+        title += " (as a training run carves it)"
+    else:
+        images, labels = d.split(split)
+    if not len(images):
+        raise CvtLabError(f"{args.path}: the {split} split is empty")
     out = sample_grid(
-        images,
-        labels,
-        d.class_names,
-        n=args.n,
-        seed=args.seed,
-        path=args.out,
-        title=f"{d.manifest['source']} — {split}",
+        images, labels, d.class_names, n=args.n, seed=args.seed, path=args.out, title=title
     )
     print(out)
 
@@ -129,7 +138,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("show", help="a grid of samples with their class names, as a PNG")
     p.add_argument("path")
     p.add_argument(
-        "--split", help="a split as stored: train, val, test or all (default: train, else the one)"
+        "--split",
+        help="a split as stored: train, val, test or all (default: train, else the one); "
+        "for a folder without split folders, train, val or test as a training run carves them",
     )
     p.add_argument("--n", type=positive_int, default=32, help="how many images the grid shows")
     p.add_argument("--seed", type=int, default=0)
