@@ -51,7 +51,7 @@ def evaluate(
 
     device = resolve_device(device)
     if precision == "auto":
-        from .precision import resolve_precision
+        from .train.precision import resolve_precision
 
         precision = "bf16" if resolve_precision("auto", device)[0] == "bf16-mixed" else "32"
     import torch.nn.functional as F
