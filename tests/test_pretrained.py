@@ -141,6 +141,25 @@ def test_official_imagenet_weights_know_their_classes_and_score_wordnet_folders(
     assert set(result["per_class"]) == set(wanted)
 
 
+def test_hugging_face_imagenet_labels_match_wordnet_folders(tmp_path):
+    """A Hugging Face ImageNet model names its classes in words of its own; an ImageNet folder
+    names them by WordNet id: eval matches the two through the id's place in ImageNet-1k."""
+    from cvtlab.evaluation import evaluate
+    from cvtlab.models.imagenet import imagenet_1k_classes
+
+    wnids, descriptions = imagenet_1k_classes()
+    labels = {i: d for i, d in enumerate(descriptions)}
+    labels[1] = "goldfish"  # not the WordNet description ("goldfish, Carassius auratus")
+    hf = random_hf_model(**{**HF_CONFIGS["odd"], "num_labels": 1000, "id2label": labels})
+    hf.save_pretrained(tmp_path / "hf")
+    for wnid in (wnids[1], wnids[281]):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (64, 64), (200, 100, 0)).save(tmp_path / "val" / wnid / "a.png")
+    result = evaluate(str(tmp_path / "hf"), str(tmp_path / "val"), "all")
+    assert result["n"] == 2 and set(result["per_class"]) == {wnids[1], wnids[281]}
+    assert cvtlab.from_pretrained(tmp_path / "hf").class_names[1] == "goldfish"
+
+
 def test_other_num_classes_replaces_only_the_head(tmp_path):
     ref, path = official_checkpoint(tmp_path)
     model = cvtlab.from_pretrained(path, num_classes=200)
