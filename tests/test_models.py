@@ -342,6 +342,10 @@ flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 copies = [torch.empty_like(flat) for _ in range(2)]
 dist.all_gather(copies, flat)
 assert torch.equal(copies[0], copies[1])
+# Both processes done, and DDP's pending communication released, before the group goes: a
+# process that tore it down while the other still talked once aborted at exit under load.
+dist.barrier()
+del opt, ddp
 dist.destroy_process_group()
 """
 
