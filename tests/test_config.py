@@ -30,6 +30,9 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
     bad.write_text("augment:\n  sharpen: 3\n")
     with pytest.raises(CvtLabError, match="unknown augment key"):
         make_config(bad)
+    bad.write_text("epoch: 3\nlr: 0.1\n")
+    with pytest.raises(CvtLabError, match=r"unknown key\(s\) epoch \(did you mean epochs\?\)"):
+        make_config(bad)
     with pytest.raises(CvtLabError, match="--precision must be 32, bf16-mixed, 16-mixed or auto"):
         make_config(precision="64")
     assert make_config(precision="auto").precision == "auto"
@@ -53,6 +56,17 @@ def test_flags_override_the_recipe_and_bad_values_are_errors(tmp_path):
         ("grad_clip", 0, "grad_clip must be positive"),
         ("num_workers", -1, "num_workers must be 0 or more, got -1"),
         ("ckpt_every_n_steps", -5, r"ckpt_every_n_steps must be 0 \(off\) or more, got -5"),
+        ("val_per_class", -1, "val_per_class must be at least 1, got -1"),
+        ("betas", [0.9], r"betas must be two numbers in \[0, 1\), like \[0.9, 0.999\], not"),
+        ("betas", [0.9, 1.5], "betas must be two numbers"),
+        ("augment", 3, r"augment must be a mapping of augmentation settings .*, not 3"),
+        ("model_overrides", [1], "model_overrides must be a mapping of model options"),
+        ("augment", {"rrc_scale": 3}, r"augment.rrc_scale must be \[smallest, largest\]"),
+        ("augment", {"rrc_scale": [0.8, 0.2]}, "augment.rrc_scale must be"),
+        ("augment", {"mixup": -1}, "augment.mixup must be at least 0, not -1"),
+        ("augment", {"group_size": 0}, "augment.group_size must be at least 1, not 0"),
+        ("augment", {"random_erase": 2}, r"augment.random_erase must be in \[0, 1\], not 2"),
+        ("augment", {"rand_magnitude": 31}, r"augment.rand_magnitude must be in \[0, 30\]"),
     ]:
         with pytest.raises(CvtLabError, match=message):
             make_config(**{key: value})

@@ -47,7 +47,33 @@ class AugmentConfig:
             raise CvtLabError(
                 f"augment.auto_augment must be trivial, rand or null, not {self.auto_augment!r}"
             )
-        self.rrc_scale = tuple(self.rrc_scale)
+        scale = self.rrc_scale
+        if (
+            not isinstance(scale, (list, tuple))
+            or len(scale) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+            or not 0 < scale[0] <= scale[1] <= 1
+        ):
+            raise CvtLabError(
+                f"augment.rrc_scale must be [smallest, largest] shares of the image in (0, 1], "
+                f"like [0.35, 1.0], not {scale!r}"
+            )
+        self.rrc_scale = tuple(scale)
+        ranges = {
+            "crop_padding": (0, None),
+            "rand_magnitude": (0, 30),  # RandAugment's 31 magnitude bins
+            "group_size": (1, None),
+            "random_erase": (0, 1),
+            "mixup": (0, None),  # a Beta distribution's alpha; 0: off
+            "cutmix": (0, None),
+            "mix_prob": (0, 1),
+            "label_smoothing": (0, 1),
+        }
+        for key, (low, high) in ranges.items():
+            value = getattr(self, key)
+            if value < low or (high is not None and value > high):
+                bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
+                raise CvtLabError(f"augment.{key} must be {bound}, not {value!r}")
 
 
 def _reflect(index: torch.Tensor, n: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -96,6 +97,26 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.augment, (dict, AugmentConfig)):
+            raise CvtLabError(
+                "augment must be a mapping of augmentation settings (crop, flip, mixup …), "
+                f"not {self.augment!r}"
+            )
+        if not isinstance(self.model_overrides, dict):
+            raise CvtLabError(
+                "model_overrides must be a mapping of model options (drop_path_rates …), "
+                f"not {self.model_overrides!r}"
+            )
+        betas = self.betas
+        if (
+            not isinstance(betas, (list, tuple))
+            or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+            or not all(0 <= b < 1 for b in betas)
+        ):
+            raise CvtLabError(
+                f"betas must be two numbers in [0, 1), like [0.9, 0.999], not {betas!r}"
+            )
         if isinstance(self.augment, dict):
             known = {f.name for f in fields(AugmentConfig)}
             unknown = sorted(set(self.augment) - known)
@@ -107,6 +128,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.lr <= 0:
             raise CvtLabError(f"--lr must be positive, got {self.lr}")
+        if self.val_per_class < 1:
+            raise CvtLabError(f"val_per_class must be at least 1, got {self.val_per_class}")
         if self.epochs <= 0:
             raise CvtLabError(f"--epochs must be positive, got {self.epochs}")
         if self.batch_size <= 0:
@@ -309,7 +332,9 @@ def load_recipe(path: str | Path) -> dict:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise CvtLabError(f"{path}: unknown key(s) {', '.join(unknown)}")
+        close = [difflib.get_close_matches(k, known, n=1) for k in unknown]
+        hints = [f"{k} (did you mean {c[0]}?)" if c else k for k, c in zip(unknown, close)]
+        raise CvtLabError(f"{path}: unknown key(s) {', '.join(hints)}")
     data = _typed(data, TrainConfig, path)
     if isinstance(data.get("augment"), dict):
         data["augment"] = _typed(data["augment"], AugmentConfig, f"{path}: augment")
