@@ -1182,6 +1182,31 @@ def test_checkpoint_of_another_architecture(trained, shapes_small, tmp_path):
     assert not (tmp_path / "o" / "config.yaml").exists()
 
 
+def test_a_run_folder_in_use_by_another_run_is_refused(shapes_small, tmp_path):
+    """A second run in a folder a run is training in (a --resume in another terminal, a
+    requeued job) would overwrite its checkpoints: refused in one line naming the holder."""
+    from cvtlab.train.run import hold_run_folder
+
+    out = tmp_path / "busy"
+    claim = hold_run_folder(out)
+    try:
+        for extra in ([], ["--resume"]):
+            r = run_cli_here(
+                "train", "--data", str(shapes_small), "--out", str(out), "--epochs", "1", *FAST,
+                *extra,
+            )  # fmt: skip
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+            assert "another cvtlab train is running in it" in r.stderr
+            assert f"pid {os.getpid()} on " in r.stderr
+    finally:
+        claim.close()
+    hold_run_folder(out).close()  # released with its holder
+    # A resume of no run creates nothing.
+    r = run_cli_here("train", "--resume", "--out", str(tmp_path / "none"))
+    assert r.returncode == 2 and "there is no run to resume" in r.stderr
+    assert not (tmp_path / "none").exists()
+
+
 def _renamed_classes(shapes_small, folder):
     """The same images as ``shapes_small``'s training split, under ten other class names."""
     for i, images in enumerate(sorted((shapes_small / "train").glob("*/images"))):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import uuid
 import warnings
@@ -119,10 +120,8 @@ def _is_first_process() -> bool:
 
 def _check_out(cfg: TrainConfig, out: Path) -> dict:
     """Refuse an ``--out`` the run cannot use; with ``--resume``, return the checkpoint it goes
-    on from (memory-mapped: its tensors are not read)."""
-    if out.exists() and not out.is_dir():
-        raise CvtLabError(f"--out {out}: is a file; the run folder must be a folder")
-    check_creatable(out)
+    on from (memory-mapped: its tensors are not read). ``out`` is a folder this run holds
+    (:func:`hold_run_folder`)."""
     last = out / "checkpoints" / "last.ckpt"
     if cfg.resume:
         if not last.is_file():
@@ -326,12 +325,58 @@ def build_trainer(
         raise CvtLabError(f"{given}: {reason}") from None
 
 
+def hold_run_folder(out: Path):
+    """Claim ``out`` for this run until the returned file is closed, or a one-line error when
+    another run holds it: two runs in one folder (a ``--resume`` typed in a second terminal, a
+    scheduler's requeued job while the first still runs) would overwrite each other's
+    checkpoints and logs. The claim is an advisory lock, released by the system when the process
+    ends however it ends; where the file system has no locks, nothing is claimed."""
+    if out.exists() and not out.is_dir():
+        raise CvtLabError(f"--out {out}: is a file; the run folder must be a folder")
+    check_creatable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    handle = open(out / ".cvtlab-run.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise CvtLabError(
+            f"--out {out}: another cvtlab train is running in it ({holder or 'its process'}); "
+            "wait for it to end, or stop it (Ctrl-C saves its last step) and then --resume"
+        ) from None
+    except OSError:  # a file system without locks (some network mounts)
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
 def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     """Train, test the best (``test_checkpoint: last``: the last) checkpoint on the test split,
     write ``metrics.json`` and the report; returns the metrics."""
     _quiet_lightning()
     out = Path(cfg.out)
     first = _is_first_process()  # only it checks and claims the folder
+    if first and cfg.resume and not out.is_dir():
+        raise CvtLabError(f"--resume: {out} does not exist, so there is no run to resume")
+    claim = hold_run_folder(out) if first else None
+    try:
+        return _train(cfg, out, first, extra_callbacks)
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def _train(cfg: TrainConfig, out: Path, first: bool, extra_callbacks) -> dict:
     resumed = {}
     if first:
         resumed = _check_out(cfg, out)
