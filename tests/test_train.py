@@ -1207,6 +1207,19 @@ def test_a_run_folder_in_use_by_another_run_is_refused(shapes_small, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_runs_without_out_get_folders_of_their_own(shapes_small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", str(shapes_small), "--epochs", "1", *FAST]
+    args += ["--limit-train-batches", "1"]
+    for folder in ("cvt_seed", "cvt_seed-2"):
+        r = run_cli_here(*args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"run folder: runs/{folder} " in r.stdout
+        assert (tmp_path / "runs" / folder / "metrics.json").is_file()
+    r = run_cli_here("train", "--resume")
+    assert r.returncode == 2 and "--resume needs --out" in r.stderr
+
+
 def _renamed_classes(shapes_small, folder):
     """The same images as ``shapes_small``'s training split, under ten other class names."""
     for i, images in enumerate(sorted((shapes_small / "train").glob("*/images"))):

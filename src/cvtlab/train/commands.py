@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..evaluation import evaluate
@@ -53,7 +54,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="start the stem's filters as whitened principal components of image patches",
     )
-    p.add_argument("--out", help="output folder of the run")
+    p.add_argument(
+        "--out", help="the run folder (default: runs/RECIPE or runs/MODEL, then -2, -3 …)"
+    )
     p.add_argument("--seed", type=int, help="seeds the weights, the data split and order")
     p.add_argument(
         "--pretrained",
@@ -160,11 +163,16 @@ _FLAG_KEYS = [
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .run import configure_from_cli, train
+    from .run import DEFAULT_OUT_VARIABLE, configure_from_cli, train
 
     flags = {k: getattr(args, k) for k in _FLAG_KEYS}
-    cfg = configure_from_cli(args.config, flags)
-    metrics = train(cfg)
+    inherited = DEFAULT_OUT_VARIABLE in os.environ
+    try:
+        cfg = configure_from_cli(args.config, flags)
+        metrics = train(cfg)
+    finally:
+        if not inherited:  # this command's choice, not one for the next in this process
+            os.environ.pop(DEFAULT_OUT_VARIABLE, None)
     _print_run(cfg.out, metrics)
 
 

@@ -244,9 +244,36 @@ class _SaveConfigOnceRestored(L.Callback):
             save_config(dataclasses.replace(self.cfg, resume=False), self.path)
 
 
+# The run folder the first process chose when --out was not given: the processes Lightning
+# launches for DDP re-run the command, and take the first's folder from their environment.
+DEFAULT_OUT_VARIABLE = "CVTLAB_DEFAULT_OUT"
+
+
+def default_out(recipe: str | None, model: str | None) -> str:
+    """``runs/<recipe or model>``, or the first of ``-2``, ``-3`` … after it that holds no run."""
+    chosen = os.environ.get(DEFAULT_OUT_VARIABLE)
+    if chosen:
+        return chosen
+    if {"WORLD_SIZE", "LOCAL_RANK"} & set(os.environ) or int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        # Processes started together (torchrun, srun) would each pick a folder of their own.
+        raise CvtLabError("give --out: the processes of a distributed run must name one folder")
+    base = Path("runs") / (Path(recipe).stem if recipe else model or TrainConfig.model)
+    out, n = base, 1
+    while (out / "config.yaml").exists() or (out / "checkpoints").exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    os.environ[DEFAULT_OUT_VARIABLE] = str(out)
+    return str(out)
+
+
 def configure_from_cli(recipe: str | None, flags: dict) -> TrainConfig:
-    """A run's config; ``--resume`` starts from the saved ``config.yaml`` of ``--out``."""
-    if flags.get("resume") and flags.get("out"):
+    """A run's config; ``--resume`` starts from the saved ``config.yaml`` of ``--out``. Without
+    ``--out`` a new run gets a folder of its own (:func:`default_out`)."""
+    if not flags.get("out"):
+        if flags.get("resume"):
+            raise CvtLabError("--resume needs --out, the folder of the run to continue")
+        flags = {**flags, "out": default_out(recipe, flags.get("model"))}
+    if flags.get("resume"):
         saved = Path(flags["out"]) / "config.yaml"
         if saved.is_file():
             return make_config(saved, **flags)
