@@ -48,12 +48,7 @@ class AugmentConfig:
                 f"augment.auto_augment must be trivial, rand or null, not {self.auto_augment!r}"
             )
         scale = self.rrc_scale
-        if (
-            not isinstance(scale, (list, tuple))
-            or len(scale) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
-            or not 0 < scale[0] <= scale[1] <= 1
-        ):
+        if not is_pair_of_numbers(scale) or not 0 < scale[0] <= scale[1] <= 1:
             raise CvtLabError(
                 f"augment.rrc_scale must be [smallest, largest] shares of the image in (0, 1], "
                 f"like [0.35, 1.0], not {scale!r}"
@@ -74,6 +69,15 @@ class AugmentConfig:
             if value < low or (high is not None and value > high):
                 bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
                 raise CvtLabError(f"augment.{key} must be {bound}, not {value!r}")
+
+
+def is_pair_of_numbers(value) -> bool:
+    """Two real numbers, as a recipe's YAML list or a tuple (booleans and strings are not)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
 
 
 def _reflect(index: torch.Tensor, n: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from ..data.augment import AugmentConfig
+from ..data.augment import AugmentConfig, is_pair_of_numbers
 from ..errors import CvtLabError
 from .muon import NEWTON_SCHULZ
 
@@ -108,12 +108,7 @@ class TrainConfig:
                 f"not {self.model_overrides!r}"
             )
         betas = self.betas
-        if (
-            not isinstance(betas, (list, tuple))
-            or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
-            or not all(0 <= b < 1 for b in betas)
-        ):
+        if not is_pair_of_numbers(betas) or not all(0 <= b < 1 for b in betas):
             raise CvtLabError(
                 f"betas must be two numbers in [0, 1), like [0.9, 0.999], not {betas!r}"
             )
