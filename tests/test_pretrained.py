@@ -141,6 +141,24 @@ def test_official_imagenet_weights_know_their_classes_and_score_wordnet_folders(
     assert set(result["per_class"]) == set(wanted)
 
 
+def test_finetuning_imagenet_weights_on_some_of_its_classes_keeps_their_head_rows(tmp_path):
+    """Tiny ImageNet's classes (named by description) and ImageNet folders (by WordNet id) are
+    ImageNet-1k classes: an official file's head rows for them start the new head."""
+    from cvtlab.models.imagenet import imagenet_1k_classes
+    from cvtlab.models.pretrained import start_from_pretrained
+
+    ref, path = official_checkpoint(tmp_path)
+    wnids, descriptions = imagenet_1k_classes()
+    model = cvtlab.create_model("cvt_13_64", num_classes=2)
+    line = start_from_pretrained(model, path, "cvt_13_64", [descriptions[281], wnids[1]])
+    assert torch.equal(model.head.weight, ref.head.weight[[281, 1]])
+    assert "its head's rows for these 2 classes (of its 1000)" in line
+    # A class ImageNet-1k does not have: a fresh head.
+    model = cvtlab.create_model("cvt_13_64", num_classes=2)
+    line = start_from_pretrained(model, path, "cvt_13_64", [descriptions[281], "my cat"])
+    assert "a fresh 2-class head (its head predicts 1000 classes)" in line
+
+
 def test_hugging_face_imagenet_labels_match_wordnet_folders(tmp_path):
     """A Hugging Face ImageNet model names its classes in words of its own; an ImageNet folder
     names them by WordNet id: eval matches the two through the id's place in ImageNet-1k."""

@@ -1244,6 +1244,12 @@ def test_finetuning_on_other_classes_starts_a_fresh_head(trained, shapes_small, 
         expected = saved["head.weight"] if head_from_run else fresh
         assert torch.equal(model.head.weight, expected)
         assert ("its head included" in line) == head_from_run
+    # Some of the run's classes, in another order: the head starts from their rows.
+    model = cvtlab.create_model("cvt_seed", num_classes=3)
+    line = start_from_pretrained(model, out, "cvt_seed", [run_names[i] for i in (7, 2, 5)])
+    assert torch.equal(model.head.weight, saved["head.weight"][[7, 2, 5]])
+    assert torch.equal(model.head.bias, saved["head.bias"][[7, 2, 5]])
+    assert "its head's rows for these 3 classes (of its 10)" in line
 
     # Through the command: the run says what it started from, in the folder a refused start
     # left free.

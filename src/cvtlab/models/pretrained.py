@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import CvtLabError
 from .convert import config_from_hf, hf_to_cvtlab, is_hf_state_dict
 from .cvt import CvTConfig
-from .imagenet import imagenet_1k_classes, is_imagenet_1k
+from .imagenet import imagenet_1k_aliases, imagenet_1k_classes, is_imagenet_1k
 from .registry import MODEL_CONFIGS, build_model, get_config
 from .seed import SeedConfig
 
@@ -259,15 +259,37 @@ def load_pretrained_into(model: nn.Module, source: str | Path) -> nn.Module:
     return model
 
 
+def _head_rows(ckpt: Checkpoint, class_names: list[str]) -> list[int] | None:
+    """The checkpoint's head row for each class to train, where it predicts every one of them:
+    by name, or for an ImageNet-1k checkpoint also by WordNet id and description (Tiny
+    ImageNet's 200 classes are ImageNet-1k classes)."""
+    head = ckpt.state_dict.get("head.weight")
+    if head is None:
+        return None
+    index = imagenet_1k_aliases() if is_imagenet_1k(ckpt.class_names, head.shape[0]) else {}
+    index.update({name: i for i, name in enumerate(ckpt.class_names or [])})
+    rows = [index.get(name) for name in class_names]
+    return None if not index or None in rows else rows
+
+
 def start_from_pretrained(
     model: nn.Module, source: str | Path, model_name: str, class_names: list[str]
 ) -> str:
     """Load ``source`` into a model about to be trained on ``class_names``; returns a line that
-    says what was loaded. The checkpoint's head is kept only for the same classes: a head
-    trained on other classes (by name, where the checkpoint names them) starts fresh, since its
-    outputs would mean the wrong classes."""
+    says what was loaded. The head starts from the checkpoint's rows for those classes where it
+    predicts them all (the same classes, a subset, or Tiny ImageNet's classes from ImageNet-1k
+    weights); a head trained on other classes starts fresh, since its outputs would mean the
+    wrong classes."""
     ckpt = read_checkpoint(source)
-    other_classes = bool(ckpt.class_names) and list(ckpt.class_names) != list(class_names)
+    rows = _head_rows(ckpt, class_names)
+    head_rows = ckpt.state_dict["head.weight"].shape[0] if rows else 0
+    if rows and rows != list(range(head_rows)):
+        picked = dict(ckpt.state_dict)
+        for key in ("head.weight", "head.bias"):
+            if key in picked:
+                picked[key] = picked[key][rows]
+        ckpt = Checkpoint(picked, ckpt.source, ckpt.model_name, ckpt.config, list(class_names))
+    other_classes = rows is None and bool(ckpt.class_names)
     try:
         head_loaded = load_weights(model, ckpt, fresh_head=other_classes)
     except CvtLabError as e:
@@ -278,6 +300,11 @@ def start_from_pretrained(
             ) from None
         raise CvtLabError(f"--pretrained {e}") from None
     kind = ckpt.model_name or model_name
+    if head_loaded and rows and len(rows) < head_rows:
+        return (
+            f"starting from {source}: {kind} weights, its head's rows for these "
+            f"{len(rows)} classes (of its {head_rows})"
+        )
     if head_loaded:
         return f"starting from {source}: {kind} weights, its head included"
     head = ckpt.state_dict.get("head.weight")
