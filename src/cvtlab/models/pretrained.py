@@ -266,7 +266,11 @@ def _head_rows(ckpt: Checkpoint, class_names: list[str]) -> list[int] | None:
     head = ckpt.state_dict.get("head.weight")
     if head is None:
         return None
-    index = imagenet_1k_aliases() if is_imagenet_1k(ckpt.class_names, head.shape[0]) else {}
+    # Without names, only a file from outside cvtlab (no architecture in it) is ImageNet's.
+    imagenet = is_imagenet_1k(ckpt.class_names, head.shape[0]) and (
+        bool(ckpt.class_names) or ckpt.config is None
+    )
+    index = imagenet_1k_aliases() if imagenet else {}
     index.update({name: i for i, name in enumerate(ckpt.class_names or [])})
     rows = [index.get(name) for name in class_names]
     return None if not index or None in rows else rows
