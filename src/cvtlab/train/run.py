@@ -352,15 +352,18 @@ def build_trainer(
         raise CvtLabError(f"{given}: {reason}") from None
 
 
-def hold_run_folder(out: Path):
+def hold_run_folder(out: Path, create: bool = True):
     """Claim ``out`` for this run until the returned file is closed, or a one-line error when
     another run holds it: two runs in one folder (a ``--resume`` typed in a second terminal, a
     scheduler's requeued job while the first still runs) would overwrite each other's
     checkpoints and logs. The claim is an advisory lock, released by the system when the process
-    ends however it ends; where the file system has no locks, nothing is claimed."""
+    ends however it ends; where the file system has no locks, nothing is claimed. Without
+    ``create`` (a resume) a folder that does not exist is not made, nor claimed."""
     if out.exists() and not out.is_dir():
         raise CvtLabError(f"--out {out}: is a file; the run folder must be a folder")
     check_creatable(out)
+    if not create and not out.is_dir():
+        return None
     out.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -393,9 +396,7 @@ def train(cfg: TrainConfig, extra_callbacks=()) -> dict:
     _quiet_lightning()
     out = Path(cfg.out)
     first = _is_first_process()  # only it checks and claims the folder
-    if first and cfg.resume and not out.is_dir():
-        raise CvtLabError(f"--resume: {out} does not exist, so there is no run to resume")
-    claim = hold_run_folder(out) if first else None
+    claim = hold_run_folder(out, create=not cfg.resume) if first else None
     try:
         return _train(cfg, out, first, extra_callbacks)
     finally:
