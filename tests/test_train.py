@@ -1220,6 +1220,26 @@ def test_runs_without_out_get_folders_of_their_own(shapes_small, tmp_path, monke
     assert r.returncode == 2 and "--resume needs --out" in r.stderr
 
 
+def test_data_too_small_for_validation_trains_and_tests_its_last_checkpoint(tmp_path):
+    """Two images a class leave none to carve a validation split from: the run says so once,
+    tests its last checkpoint and reports no best validation score (it printed 0.0000 at epoch
+    None, beside Lightning's warnings about the missing metric and the empty loader)."""
+    for name, colour in (("red", (250, 20, 20)), ("blue", (20, 20, 250)), ("green", (20, 250, 20))):
+        (tmp_path / "tiny" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), colour).save(tmp_path / "tiny" / name / f"{i}.png")
+    out = tmp_path / "run"
+    r = run_cli_here(
+        "train", "--data", str(tmp_path / "tiny"), "--out", str(out), "--epochs", "1", *FAST[:2],
+        "--batch-size", "2", "--accelerator", "cpu", "--logger", "none",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("no validation images") == 1 and "monitored key" not in r.stderr
+    assert "(no validation images)" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_top1"] is None and metrics["test_checkpoint"].endswith("last.ckpt")
+
+
 def _renamed_classes(shapes_small, folder):
     """The same images as ``shapes_small``'s training split, under ten other class names."""
     for i, images in enumerate(sorted((shapes_small / "train").glob("*/images"))):

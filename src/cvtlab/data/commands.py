@@ -75,7 +75,9 @@ def _cmd_info(args: argparse.Namespace) -> None:
     if report["run_splits"]:
         parts = []
         for name, split in report["run_splits"].items():
-            carved = "" if split["from"] == [name] else f" (from {', '.join(split['from'])})"
+            carved = (
+                f" (from {', '.join(split['from'])})" if split["from"] not in ([], [name]) else ""
+            )
             parts.append(f"{name} {split['images']}{carved}")
         print("  a training run uses: " + ", ".join(parts))
     print(f"  decoded cache: {report['cache']}")

@@ -188,10 +188,14 @@ def _print_run(out: str, metrics: dict) -> None:
 
     if getattr(rank_zero_only, "rank", 0) != 0:
         return
+    best = (
+        f"best val top-1 {metrics['val_top1']:.4f} at epoch {metrics['best_epoch']}"
+        if metrics["val_top1"] is not None
+        else "no validation images"
+    )
     print(
         f"test top-1 {metrics['test_top1']:.4f}"
-        f"{_top5_text(metrics['test_top5'], metrics.get('num_classes'), ', ')} "
-        f"(best val top-1 {metrics['val_top1'] or 0:.4f} at epoch {metrics['best_epoch']}); "
+        f"{_top5_text(metrics['test_top5'], metrics.get('num_classes'), ', ')} ({best}); "
         f"{metrics['train_images_per_second'] or 0:.0f} train images/s"
     )
     print(f"run folder: {out}  (metrics.json, metrics.csv, checkpoints/, report/)")

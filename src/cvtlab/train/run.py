@@ -63,6 +63,11 @@ def _quiet_lightning() -> None:
     # Step-level logging simply does not happen in epochs shorter than its interval; the epoch
     # rows are written all the same.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # Data without validation images has no val_top1 for best.ckpt: the run says so itself.
+    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
+    warnings.filterwarnings(
+        "ignore", message=".*Total length of `DataLoader` across ranks is zero.*"
+    )
 
 
 def _logger(cfg: TrainConfig, out: Path):
@@ -428,6 +433,12 @@ def _train(cfg: TrainConfig, out: Path, first: bool, extra_callbacks) -> dict:
     dm.setup()
     if first and cfg.resume:
         _check_resumed_classes(resumed, dm.class_names, cfg.data)
+    if first and not len(dm.rows["val"]):
+        print(
+            f"cvtlab: warning: {cfg.data}: no validation images (too few images a class to "
+            "carve them from), so no best checkpoint: the run tests its last",
+            file=sys.stderr,
+        )
     history = EpochHistory(out / "metrics.csv")
     precision, why = resolve_precision(cfg.precision, cfg.accelerator)
     if first and cfg.precision == "auto":
