@@ -9,11 +9,16 @@ import sys
 
 from ..evaluation import evaluate
 from ..prediction import predict
-from .config import phase_start, whole_number
+from .config import RECIPES, phase_start, whole_number
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="recipe YAML; flags override its values")
+    p.add_argument(
+        "--config",
+        help="a recipe YAML, or a shipped one ("
+        + ", ".join(sorted(path.stem for path in RECIPES.glob("*.yaml")))
+        + "); flags override its values",
+    )
     p.add_argument("--data", help="Tiny ImageNet zip or folder, an image folder, or tiny-imagenet")
     p.add_argument("--model", help="a registered model (`cvtlab models` lists them)")
     p.add_argument("--img-size", type=int, help="the model's input size in pixels")
