@@ -178,7 +178,14 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
     path = resolve_checkpoint(source)
     if path.is_dir():
         return _load_hf_folder(path)
-    return load_state_dict_file(path)
+    ckpt = load_state_dict_file(path)
+    head = ckpt.state_dict.get("head.weight")
+    # A file from outside cvtlab (no architecture in it) with 1,000 outputs and no names is an
+    # official one: its classes are ImageNet-1k's, in their order.
+    if ckpt.config is None and not ckpt.class_names and head is not None:
+        if is_imagenet_1k(None, head.shape[0]):
+            ckpt.class_names = list(imagenet_1k_classes()[1])
+    return ckpt
 
 
 def _infer_model_name(ckpt: Checkpoint) -> str:
@@ -266,10 +273,7 @@ def _head_rows(ckpt: Checkpoint, class_names: list[str]) -> list[int] | None:
     head = ckpt.state_dict.get("head.weight")
     if head is None:
         return None
-    # Without names, only a file from outside cvtlab (no architecture in it) is ImageNet's.
-    imagenet = is_imagenet_1k(ckpt.class_names, head.shape[0]) and (
-        bool(ckpt.class_names) or ckpt.config is None
-    )
+    imagenet = bool(ckpt.class_names) and is_imagenet_1k(ckpt.class_names, head.shape[0])
     index = imagenet_1k_aliases() if imagenet else {}
     index.update({name: i for i, name in enumerate(ckpt.class_names or [])})
     rows = [index.get(name) for name in class_names]
@@ -366,8 +370,6 @@ def from_pretrained(
     net = build_model(cfg, name or "model")
     net.model_name = name or "custom"
     load_weights(net, ckpt)
-    if ckpt.config is None and not ckpt.class_names and is_imagenet_1k(None, net.num_classes):
-        net.class_names = list(imagenet_1k_classes()[1])  # an official file's 1,000 classes
     return net
 
 
