@@ -832,3 +832,47 @@ def test_a_cache_folder_that_cannot_be_made_is_one_error_naming_the_setting(
     monkeypatch.setenv("CVTLAB_CACHE", str(blocker))
     with pytest.raises(CvtLabError, match=r"a-file/decoded: the decoded cache cannot be made"):
         open_decoded(shapes_small, 64)
+
+
+def _noise_png(size=(300, 200), seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return _png(Image.fromarray(pixels))
+
+
+def test_crop_views_are_the_official_evaluations(tmp_path):
+    """A crop of 0.875 is ImageNet's evaluation (shorter side to 256, centre 224); squash resizes
+    the whole image; 1.0 is cvtlab's own view. Checked against Pillow's resize and crop."""
+    from cvtlab.data.decode import crop_label, decode_image, parse_crop
+
+    data = _noise_png()
+    ref = Image.open(io.BytesIO(data)).convert("RGB")
+    want = {
+        1.0: ref.resize((336, 224), Image.BILINEAR).crop((56, 0, 280, 224)),
+        0.875: ref.resize((384, 256), Image.BILINEAR).crop((80, 16, 304, 240)),
+        "squash": ref.resize((224, 224), Image.BILINEAR),
+    }
+    for crop, image in want.items():
+        got = decode_image(data, 224, crop)[0]
+        assert np.abs(got.astype(int) - np.asarray(image).astype(int)).max() <= 1, crop
+    assert not np.array_equal(decode_image(data, 224, 0.875)[0], decode_image(data, 224)[0])
+    assert crop_label(0.875, 224) == "shorter side to 256, centre 224x224 (crop 0.875)"
+    assert parse_crop("0.875") == 0.875 and parse_crop("Squash") == "squash"
+    for bad in ("0", "1.5", "half", "-0.5", "nan"):
+        with pytest.raises(CvtLabError, match=f"--crop must be a fraction.*{bad}"):
+            parse_crop(bad)
+
+
+def test_each_crop_is_a_cache_entry_of_its_own(tmp_path):
+    root = _folder(
+        tmp_path / "f", {"a": {"x.png": _noise_png(seed=1)}, "b": {"y.png": _noise_png(seed=2)}}
+    )
+    whole = open_decoded(root, 32)
+    cropped = open_decoded(root, 32, crop=0.5)
+    squashed = open_decoded(root, 32, crop="squash")
+    assert len({whole.root, cropped.root, squashed.root}) == 3
+    assert cropped.manifest["crop"] == 0.5 and "crop0.5" in cropped.root.name
+    assert not np.array_equal(np.asarray(whole.images), np.asarray(cropped.images))
+    # Opening one does not count the others as older copies to delete, and each is reused.
+    for entry, crop in ((whole, 1.0), (cropped, 0.5), (squashed, "squash")):
+        again = open_decoded(root, 32, crop=crop)
+        assert again.root == entry.root and not again.built_now

@@ -141,6 +141,81 @@ def test_official_imagenet_weights_know_their_classes_and_score_wordnet_folders(
     assert set(result["per_class"]) == set(wanted)
 
 
+def test_official_files_are_evaluated_at_their_size_and_crop(tmp_path):
+    """Official weights are seen as their makers evaluated them: at the size the file's name
+    gives (the tensors fit every size), the centre 0.875 of the shorter side below 384 px and
+    the whole image resized to a square from 384 px up. --img-size and --crop override."""
+    import shutil
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    from cvtlab.data.augment import normalize
+    from cvtlab.evaluation import evaluate
+    from cvtlab.export import export
+    from cvtlab.inference import load_predictor
+
+    ref, path224 = official_checkpoint(tmp_path)
+    path384 = tmp_path / "CvT-13-384x384-IN-1k.pth"
+    shutil.copy(path224, path384)
+    views = {
+        (path224, None, None): (224, 0.875),
+        (path384, None, None): (384, "squash"),
+        (path384, 256, None): (256, 0.875),
+        (path384, 224, "1"): (224, 1.0),
+    }
+    for (path, size, crop), want in views.items():
+        predictor = load_predictor(path, size, None if crop is None else float(crop))
+        assert (predictor.img_size, predictor.crop) == want, (path.name, size, crop)
+        assert predictor.model.cfg.img_size == want[0]
+    # A model named by the caller keeps its own size whatever the file's name says.
+    assert cvtlab.from_pretrained(path384, model="cvt_13_64", num_classes=1000).img_size == 64
+
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    file = tmp_path / "val" / "n01443537" / "a.png"  # goldfish, output 1
+    file.parent.mkdir(parents=True)
+    Image.fromarray(pixels).save(file)
+    result = evaluate(str(path224), str(tmp_path / "val"), "all")
+    seen = Image.fromarray(pixels).resize((384, 256), Image.BILINEAR).crop((80, 16, 304, 240))
+    with torch.no_grad():
+        logits = ref(normalize(torch.from_numpy(np.asarray(seen).copy())[None]))
+    assert abs(result["loss"] - F.cross_entropy(logits, torch.tensor([1])).item()) < 1e-4
+    assert (result["img_size"], result["crop"]) == (224, 0.875)
+    assert result["view"] == "shorter side to 256, centre 224x224 (crop 0.875)"
+    # A cvtlab export of official weights keeps how they are evaluated.
+    out = tmp_path / "w.safetensors"
+    export(path384, out)
+    assert (load_predictor(out).img_size, load_predictor(out).crop) == (384, "squash")
+
+
+def test_hugging_face_processor_gives_the_size_and_crop(tmp_path):
+    from cvtlab.inference import load_predictor
+
+    random_hf_model(**HF_CONFIGS["odd"]).save_pretrained(tmp_path)
+    assert (load_predictor(tmp_path).img_size, load_predictor(tmp_path).crop) == (224, 0.875)
+    for size, want in ((384, "squash"), (160, 0.9)):
+        processor = {"crop_pct": 0.9, "size": {"shortest_edge": size}}
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+        predictor = load_predictor(tmp_path)
+        assert (predictor.img_size, predictor.crop) == (size, want)
+
+
+def test_img_size_and_crop_flags_are_checked_in_one_line(tmp_path):
+    from .conftest import run_cli_here
+
+    _, path = official_checkpoint(tmp_path)
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    for flags, message in (
+        (["--crop", "2"], "--crop must be a fraction in (0, 1]"),
+        (["--crop", "wide"], "--crop must be a fraction in (0, 1]"),
+        (["--img-size", "100"], "image size 100 is not a positive multiple of cvt_13's total"),
+        (["--img-size", "0"], "--img-size: must be a whole number of at least 1"),
+    ):
+        r = run_cli_here("predict", "--checkpoint", str(path), str(tmp_path / "a.png"), *flags)
+        assert r.returncode != 0 and message in r.stderr, (flags, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 or "usage" in r.stderr
+
+
 def test_finetuning_imagenet_weights_on_some_of_its_classes_keeps_their_head_rows(tmp_path):
     """Tiny ImageNet's classes (named by description) and ImageNet folders (by WordNet id) are
     ImageNet-1k classes: an official file's head rows for them start the new head."""

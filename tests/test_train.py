@@ -541,6 +541,24 @@ def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(
     assert averaged[0] != averaged[2]  # the shifted views count
 
 
+def test_a_run_is_evaluated_at_another_size_and_crop(trained):
+    """--img-size runs a run's weights at another multiple of its stride, --crop takes the centre
+    of each image (a view of its own in the cache); the text output names a view not the run's."""
+    out, _ = trained
+    ckpt = str(out / "checkpoints" / "best.ckpt")
+    runs = {
+        flags: run_cli_here("eval", "--checkpoint", ckpt, *flags, "--format", "json")
+        for flags in ((), ("--img-size", "96", "--crop", "0.875"))
+    }
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    own, other = (json.loads(r.stdout) for r in runs.values())
+    assert (own["img_size"], own["crop"]) == (64, 1.0)
+    assert (other["img_size"], other["crop"], other["n"]) == (96, 0.875, own["n"])
+    assert other["loss"] != own["loss"]
+    r = run_cli_here("eval", "--checkpoint", ckpt, "--crop", "squash")
+    assert r.returncode == 0 and r.stdout.startswith("images: whole image resized to 64x64\n")
+
+
 def test_shifted_views_move_the_image_and_reflect_its_border():
     """--shift s: the views are the image moved s pixels each way, the uncovered border filled
     as training's reflection-padded crops fill it."""

@@ -19,6 +19,8 @@ def evaluate(
     device: str = "auto",
     shift: int = 0,
     compile: bool = False,
+    img_size: int | None = None,
+    crop: float | str | None = None,
 ) -> dict:
     """Top-1, top-5, loss and per-class accuracy of ``checkpoint`` on ``split`` of ``data``
     (default: the run's own data, split the same way as in training; ``"all"``: every labelled
@@ -34,7 +36,13 @@ def evaluate(
     bf16 where this CPU's bf16 products are clearly faster than its fp32 ones (measured, as for
     training), else 32; the result names the choice. ``compile=True`` runs the model compiled
     for inference (:class:`~cvtlab.inference.CompiledForInference`): faster once compiled, for
-    30-60 s of compiling first."""
+    30-60 s of compiling first.
+
+    Images are seen as the checkpoint's makers tested them: cvtlab's runs the whole shorter side
+    at the size they trained at; official and Hugging Face ImageNet weights the centre 0.875 of it
+    below 384 px (shorter side to 256, centre 224) and the whole image resized to a square from
+    384 px up, at the size the file names (``CvT-13-384x384-IN-1k.pth``: 384). ``img_size`` and
+    ``crop`` (a fraction in (0, 1] or ``"squash"``) override both."""
     if precision not in ("32", "bf16", "auto"):
         raise CvtLabError(f"--precision must be 32, bf16 or auto, not {precision!r}")
     if batch_size < 1:
@@ -58,11 +66,12 @@ def evaluate(
     from torchmetrics.classification import MulticlassAccuracy
 
     from .data.cache import open_decoded
+    from .data.decode import crop_label, parse_crop
     from .data.download import check_recorded_data, resolve_data
     from .data.splits import plan_splits
     from .machine import describe_machine
 
-    predictor = load_predictor(checkpoint)
+    predictor = load_predictor(checkpoint, img_size, None if crop is None else parse_crop(crop))
     check_shift(shift, predictor.img_size)
     run = predictor.run_config or {}
     if not data:
@@ -70,7 +79,7 @@ def evaluate(
         if not data:
             raise CvtLabError(f"{checkpoint}: no config.yaml beside the checkpoint, so pass --data")
         check_recorded_data(data)
-    decoded = open_decoded(resolve_data(data), predictor.img_size)
+    decoded = open_decoded(resolve_data(data), predictor.img_size, crop=predictor.crop)
     model_label = _model_labels(decoded.class_names, predictor, data)
     if split == "all":
         # Every labelled image: for a dataset the model never trained on (a test set of your
@@ -116,6 +125,9 @@ def evaluate(
         "flip": flip,
         "shift": shift,
         "compiled": compile,
+        "img_size": predictor.img_size,
+        "crop": predictor.crop,
+        "view": crop_label(predictor.crop, predictor.img_size),
         "n": int(len(idx)),
         "num_classes": k,  # the model's; the data may hold fewer
         "top1": accuracy,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .data.augment import IMAGENET_MEAN, IMAGENET_STD
+from .data.decode import Crop, resized_side
 from .errors import CvtLabError, check_creatable
 from .inference import Predictor, load_predictor
 from .models.pretrained import save_weights
@@ -75,8 +76,9 @@ def onnx_metadata(predictor: Predictor) -> dict[str, str]:
         "image_size": str(size),
         "mean": json.dumps(list(IMAGENET_MEAN)),
         "std": json.dumps(list(IMAGENET_STD)),
+        "crop": str(predictor.crop),
         "preprocessing": (
-            f"RGB; shorter side resized to {size} px (antialiased), centre {size}x{size} crop; "
+            f"RGB; {_view_words(predictor.crop, size)}; "
             "float32 pixels / 255, minus mean, divided by std, per channel; "
             f"(batch, 3, {size}, {size})"
         ),
@@ -89,6 +91,13 @@ def onnx_metadata(predictor: Predictor) -> dict[str, str]:
     if name:
         meta["model"] = name
     return meta
+
+
+def _view_words(crop: Crop, size: int) -> str:
+    if crop == "squash":
+        return f"the whole image resized to {size}x{size} px (antialiased)"
+    side = size if crop == 1.0 else resized_side(size, crop)
+    return f"shorter side resized to {side} px (antialiased), centre {size}x{size} crop"
 
 
 def _write_onnx_metadata(path: Path, predictor: Predictor) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.augment import normalize
-from .data.decode import DecodeError, decode_image
+from .data.decode import Crop, DecodeError, decode_image
 from .errors import CvtLabError
 from .models.imagenet import imagenet_1k_aliases, is_imagenet_1k
 
@@ -30,6 +30,9 @@ class Predictor:
     # Other names of the classes, for matching data to outputs: an ImageNet-1k model's classes
     # also go by their WordNet ids and descriptions (models/imagenet.py).
     aliases: dict[str, int] | None = None
+    # How images become img_size squares for this model (data/decode.py): 1.0 for cvtlab's runs,
+    # the official evaluation's view for ImageNet weights (0.875 below 384 px, else "squash").
+    crop: Crop = 1.0
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray, flip: bool = False, shift: int = 0) -> torch.Tensor:
@@ -149,29 +152,55 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_predictor(checkpoint: str | Path) -> Predictor:
+def load_predictor(
+    checkpoint: str | Path, img_size: int | None = None, crop: Crop | None = None
+) -> Predictor:
     """A model in eval mode from a cvtlab ``.ckpt`` or a training run's folder (the checkpoint
     its test scored; its EMA weights when the run kept an EMA), a cvtlab ``.safetensors``
-    export, an official ``.pth`` or a Hugging Face folder."""
+    export, an official ``.pth`` or a Hugging Face folder.
+
+    ``img_size`` runs it at another input size than the one it was trained at (CvT has no
+    position embeddings: any multiple of its total stride fits the same weights); ``crop``
+    overrides how images become squares (default: the checkpoint's own view)."""
     path = resolve_checkpoint(checkpoint)
+    if img_size is not None and img_size <= 0:
+        raise CvtLabError(f"--img-size must be a positive number of pixels, not {img_size}")
     if path.suffix == ".ckpt":
         from .train.module import load_module
 
         module = load_module(str(path))
         model = module.eval_model().eval()
         names = list(module.hparams.class_names)
+        view: Crop = 1.0
+        if img_size is not None and img_size != model.img_size:
+            _run_at(model, img_size)
     else:
         from .models.pretrained import from_pretrained
 
-        model = from_pretrained(path).eval()
+        sized = {} if img_size is None else {"img_size": img_size}
+        model = from_pretrained(path, **sized).eval()
         names = getattr(model, "class_names", None)
+        view = getattr(model, "eval_crop", 1.0)
+    if crop is not None:
+        view = crop
     known = bool(names)
     if known:
         model.class_names = names
     else:
         names = [str(i) for i in range(model.num_classes)]
     aliases = imagenet_1k_aliases() if known and is_imagenet_1k(names, len(names)) else None
-    return Predictor(model, names, int(model.img_size), _run_config(path), known, aliases)
+    return Predictor(model, names, int(model.img_size), _run_config(path), known, aliases, view)
+
+
+def _run_at(model: nn.Module, img_size: int) -> None:
+    """Make ``model`` take ``img_size`` inputs: the same weights, since neither CvT nor the seed
+    model has position embeddings; only the size must divide by the total stride."""
+    from dataclasses import replace
+
+    from .models.cvt import check_img_size
+
+    check_img_size(img_size, model.cfg.total_stride, getattr(model, "model_name", None) or "model")
+    model.img_size, model.cfg = img_size, replace(model.cfg, img_size=img_size)
 
 
 def resolve_device(device: str) -> str:
@@ -186,16 +215,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def read_image(path: str | Path, size: int, data: bytes | None = None) -> np.ndarray:
-    """One image file of any format and mode → (size, size, 3) uint8; a one-line error names the
-    file when it cannot be used. ``data``: its bytes, where they come from elsewhere than
-    ``path`` (a zip), which then only names it."""
+def read_image(
+    path: str | Path, size: int, data: bytes | None = None, crop: Crop = 1.0
+) -> np.ndarray:
+    """One image file of any format and mode → (size, size, 3) uint8, made square as ``crop``
+    says; a one-line error names the file when it cannot be used. ``data``: its bytes, where
+    they come from elsewhere than ``path`` (a zip), which then only names it."""
     if data is None:
         try:
             data = Path(path).read_bytes()
         except OSError as e:
             raise CvtLabError(f"{path}: cannot be read ({e.strerror})") from None
     try:
-        return decode_image(data, size)[0]
+        return decode_image(data, size, crop)[0]
     except DecodeError as e:
         raise CvtLabError(f"{path}: {e}") from None

@@ -62,13 +62,16 @@ def predict(
     device: str = "auto",
     shift: int = 0,
     compile: bool = False,
+    img_size: int | None = None,
+    crop: float | str | None = None,
 ) -> list[dict]:
     """Top-``topk`` class names and probabilities per image (``flip``: averaged with the mirror
     image's; ``shift``: with the views moved that many pixels, as ``evaluate``'s); a folder, a
     zip or a folder in one (``photos.zip:photos/cats``) stands for the images under it, in sorted
     order. An unreadable image (or a folder without images) gets an ``error`` entry instead, and
     the others are still predicted, ``batch_size`` at a time, on ``device`` (``auto``: the GPU
-    where there is one); ``compile`` as in :func:`evaluate`."""
+    where there is one); ``compile``, ``img_size`` and ``crop`` as in :func:`evaluate`."""
+    from .data.decode import parse_crop
     from .inference import (
         CompiledForInference,
         check_shift,
@@ -82,7 +85,7 @@ def predict(
     if topk < 1:
         raise CvtLabError(f"--topk must be at least 1, not {topk}")
     device = resolve_device(device)
-    predictor = load_predictor(checkpoint)
+    predictor = load_predictor(checkpoint, img_size, None if crop is None else parse_crop(crop))
     check_shift(shift, predictor.img_size)
     predictor.model.to(device)
     if compile:
@@ -109,7 +112,7 @@ def predict(
             continue
         try:
             data = reader() if reader else None
-            pixels = read_image(path, predictor.img_size, data)
+            pixels = read_image(path, predictor.img_size, data, predictor.crop)
         except CvtLabError as e:
             results.append({"image": path, "error": str(e)})
             continue

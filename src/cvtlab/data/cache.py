@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CvtLabError
-from .decode import GRAY_MODES, DecodeError, decode_image
+from .decode import GRAY_MODES, Crop, DecodeError, decode_image
 from .image_folder import index_image_folder
 from .index import DatasetIndex
 from .sources import Source, open_source
@@ -91,11 +91,14 @@ class DecodedDataset:
         return self.manifest["files"][a:b]
 
 
-def _entry_dir(source: Source, size: int) -> Path:
+def _entry_dir(source: Source, size: int, crop: Crop = 1.0) -> Path:
     location = str(getattr(source, "path", source.location))
-    key = hashlib.sha1(f"{location}|{size}|{FORMAT_VERSION}".encode()).hexdigest()[:12]
+    # The whole-shorter-side entries keep the names they had before crops could be chosen.
+    view = "" if crop == 1.0 else f"-{crop}" if crop == "squash" else f"-crop{crop:g}"
+    key_text = f"{location}|{size}|{FORMAT_VERSION}" + (f"|{crop}" if view else "")
+    key = hashlib.sha1(key_text.encode()).hexdigest()[:12]
     stem = Path(location).name.replace(".zip", "") or "dataset"
-    return cache_root() / "decoded" / f"{stem}-{size}px-{key}"
+    return cache_root() / "decoded" / f"{stem}-{size}px{view}-{key}"
 
 
 def _read_manifest(entry: Path) -> dict | None:
@@ -123,7 +126,9 @@ def _open(entry: Path, manifest: dict) -> DecodedDataset:
     return DecodedDataset(entry, images, labels, manifest)
 
 
-def _decode_chunk(source: Source, npy: str, start: int, paths: list[str], size: int):
+def _decode_chunk(
+    source: Source, npy: str, start: int, paths: list[str], size: int, crop: Crop = 1.0
+):
     images = np.load(npy, mmap_mode="r+")
     failed, gray = [], []
     modes: Counter = Counter()
@@ -131,7 +136,7 @@ def _decode_chunk(source: Source, npy: str, start: int, paths: list[str], size: 
     for offset, path in enumerate(paths):
         i = start + offset
         try:
-            images[i], mode, (w, h) = decode_image(source.read(path), size)
+            images[i], mode, (w, h) = decode_image(source.read(path), size, crop)
         except DecodeError as e:
             failed.append((i, str(e)))
         except CvtLabError as e:
@@ -173,7 +178,9 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
-def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, workers: int) -> None:
+def _build(
+    index: DatasetIndex, entry: Path, size: int, fingerprint: str, workers: int, crop: Crop = 1.0
+) -> None:
     # Under the entry's lock no other process is building it: a build folder left beside it
     # belongs to a process that was killed (or died on a full disk) and holds its partial copy.
     for orphan in entry.parent.glob(f"{entry.name}.tmp-*"):
@@ -201,7 +208,7 @@ def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, worker
             pool = ProcessPoolExecutor(workers, mp_context=ctx)
             try:
                 futures = [
-                    pool.submit(_decode_chunk, index.source, str(npy), s, ps, size)
+                    pool.submit(_decode_chunk, index.source, str(npy), s, ps, size, crop)
                     for s, ps in chunks
                 ]
                 results = ((fut.result(), len(ps)) for fut, (_, ps) in zip(futures, chunks))
@@ -217,7 +224,7 @@ def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, worker
                 pool.shutdown(wait=True, cancel_futures=True)
         else:
             for s, ps in chunks:
-                f, g, m, z = _decode_chunk(index.source, str(npy), s, ps, size)
+                f, g, m, z = _decode_chunk(index.source, str(npy), s, ps, size, crop)
                 failed += f
                 gray.update(g)
                 modes.update(m)
@@ -259,6 +266,7 @@ def _build(index: DatasetIndex, entry: Path, size: int, fingerprint: str, worker
             "kind": index.kind,
             "fingerprint": fingerprint,
             "img_size": size,
+            "crop": crop,
             "classes": index.classes,
             "class_names": index.class_names,
             "splits": splits,
@@ -296,9 +304,10 @@ def _remove_older_formats(entry: Path, manifest: dict) -> None:
             old = json.loads((other / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        same = (old.get("source"), old.get("img_size")) == (
+        same = (old.get("source"), old.get("img_size"), old.get("crop", 1.0)) == (
             manifest["source"],
             manifest["img_size"],
+            manifest.get("crop", 1.0),
         )
         if same and old.get("format") != FORMAT_VERSION:
             shutil.rmtree(other, ignore_errors=True)
@@ -306,12 +315,14 @@ def _remove_older_formats(entry: Path, manifest: dict) -> None:
 
 
 def open_decoded(
-    path: str | Path, img_size: int = 64, workers: int | None = None
+    path: str | Path, img_size: int = 64, workers: int | None = None, crop: Crop = 1.0
 ) -> DecodedDataset:
     """The decoded cache of the dataset at ``path`` (zip or folder) at ``img_size`` px: built on
-    first use, reused by later runs and other processes, rebuilt when the source changes."""
+    first use, reused by later runs and other processes, rebuilt when the source changes.
+    ``crop``: how each image becomes a square (:func:`~cvtlab.data.decode.decode_image`); each
+    choice is an entry of its own."""
     source = open_source(path)
-    entry = _entry_dir(source, img_size)
+    entry = _entry_dir(source, img_size, crop)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -332,7 +343,7 @@ def open_decoded(
         if data is None:
             index = load_index(source)
             workers = workers or min(os.cpu_count() or 1, 8)
-            _build(index, entry, img_size, fingerprint, workers)
+            _build(index, entry, img_size, fingerprint, workers, crop)
             manifest = _read_manifest(entry)
             _remove_older_formats(entry, manifest)
             data = _open(entry, manifest)

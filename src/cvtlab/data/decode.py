@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import CvtLabError
+
 # GIFs give their first frame, multi-page TIFFs their first page.
 IMAGE_SUFFIXES = (
     ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"
@@ -48,13 +50,52 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 GRAY_MODES = ("L", "LA", "1", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
+# How an image becomes a square: the centre fraction of its shorter side (1.0: the whole shorter
+# side, what cvtlab trains and tests on), or "squash": the whole image resized to the square.
+Crop = float | str
 
-def decode_image(data: bytes, size: int) -> tuple[np.ndarray, str, tuple[int, int]]:
+
+def parse_crop(value: float | str, flag: str = "--crop") -> Crop:
+    """A crop fraction in (0, 1] or ``"squash"``; anything else is a one-line error."""
+    if isinstance(value, str) and value.strip().lower() == "squash":
+        return "squash"
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if not 0 < fraction <= 1:
+        raise CvtLabError(
+            f"{flag} must be a fraction in (0, 1] (0.875: the centre 7/8 of the shorter side) or"
+            f" squash (the whole image resized to a square), not {value!r}"
+        )
+    return fraction
+
+
+def crop_label(crop: Crop, size: int) -> str:
+    """How ``crop`` turns an image into ``size``×``size``, in words."""
+    if crop == "squash":
+        return f"whole image resized to {size}x{size}"
+    if crop == 1.0:
+        return f"shorter side to {size}, centre {size}x{size}"
+    return f"shorter side to {resized_side(size, crop)}, centre {size}x{size} (crop {crop:g})"
+
+
+def resized_side(size: int, crop: float) -> int:
+    # Rounded down, as the official CvT evaluation and Hugging Face's processor do
+    # (224 / 0.875 = 256); the rounding to 6 places keeps 64 / 0.8 from landing on 79.
+    return int(round(size / crop, 6))
+
+
+def decode_image(
+    data: bytes, size: int, crop: Crop = 1.0
+) -> tuple[np.ndarray, str, tuple[int, int]]:
     """Bytes → (size, size, 3) uint8 RGB, the file's own mode and its (width, height).
 
-    An image that is not ``size``×``size`` is resized (shorter side to ``size``, antialiased)
-    and centre-cropped; a photo's EXIF orientation is applied first, so it is seen upright as
-    viewers show it. Raises :class:`DecodeError` with a short reason for an empty, truncated,
+    An image that is not ``size``×``size`` is resized (antialiased) and centre-cropped: its
+    shorter side to ``size / crop``, then the centre ``size``×``size`` (``crop`` 1.0: the whole
+    shorter side; ImageNet models are evaluated at 0.875), or with ``crop="squash"`` resized to
+    ``size``×``size`` whole. A photo's EXIF orientation is applied first, so it is seen upright
+    as viewers show it. Raises :class:`DecodeError` with a short reason for an empty, truncated,
     corrupt or non-image file.
     """
     if not data:
@@ -67,7 +108,8 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, str, tuple[int, in
             # A JPEG at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale (never
             # below ``size``): a 12-MP photo to 224 px 1.9x faster, 0.4 grey levels from the
             # full decode on average (benchmarks/data.py (d), RESULTS.md).
-            img.draft(mode, (size, size))
+            side = size if crop == "squash" else resized_side(size, crop)
+            img.draft(mode, (side, side))
             img.load()
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised content)") from None
@@ -84,17 +126,21 @@ def decode_image(data: bytes, size: int) -> tuple[np.ndarray, str, tuple[int, in
         rgb = _to_rgb(img)
     except (OSError, ValueError) as e:
         raise DecodeError(f"pixel mode {mode} cannot be read as RGB ({e})") from None
-    img = resize_and_center_crop(rgb, size)
+    img = resize_and_center_crop(rgb, size, crop)
     return np.asarray(img, dtype=np.uint8), mode, original_size
 
 
-def resize_and_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (antialiased), then the centre ``size``×``size`` square."""
-    if img.size == (size, size):
+def resize_and_center_crop(img: Image.Image, size: int, crop: Crop = 1.0) -> Image.Image:
+    """Shorter side to ``size / crop`` (antialiased), then the centre ``size``×``size`` square;
+    ``crop="squash"``: the whole image resized to ``size``×``size``."""
+    if img.size == (size, size) and crop in (1.0, "squash"):
         return img
+    if crop == "squash":
+        return img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    side = resized_side(size, crop)
+    scale = side / min(w, h)
+    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
     img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.decode import Crop, parse_crop
 from ..errors import CvtLabError
 from .convert import config_from_hf, hf_to_cvtlab, is_hf_state_dict
 from .cvt import CvTConfig
@@ -27,6 +29,11 @@ from .seed import SeedConfig
 _META_MODEL = "cvtlab_model"
 _META_CONFIG = "cvtlab_config"
 _META_CLASSES = "cvtlab_class_names"
+_META_CROP = "cvtlab_eval_crop"
+
+# The crop the official CvT evaluation and Hugging Face's image processor take below 384 px
+# (shorter side to 256, centre 224); at 384 px and above both resize the whole image instead.
+IMAGENET_CROP = 0.875
 
 
 class Checkpoint:
@@ -45,6 +52,22 @@ class Checkpoint:
         self.model_name = model_name
         self.config = config
         self.class_names = class_names
+        # What the file's makers say about its input: the size it was trained at (an official
+        # file's name, a Hugging Face processor), and how its test images were cropped, either
+        # outright (``eval_crop``, a cvtlab export) or as ImageNet models are (``crop_pct``
+        # below 384 px, the whole image resized from 384 px up).
+        self.img_size: int | None = None
+        self.eval_crop: Crop | None = None
+        self.crop_pct: float | None = None
+
+    def view_for(self, img_size: int) -> Crop:
+        """How this checkpoint's test images become ``img_size`` squares (1.0: cvtlab's own
+        whole-shorter-side view, what its runs train and test on)."""
+        if self.eval_crop is not None:
+            return self.eval_crop
+        if self.crop_pct is not None:
+            return self.crop_pct if img_size < 384 else "squash"
+        return 1.0
 
 
 def _config_from_meta(data: dict | None) -> CvTConfig | SeedConfig | None:
@@ -72,7 +95,13 @@ def load_state_dict_file(path: str | Path) -> Checkpoint:
         name = meta.get(_META_MODEL)
         config = _config_from_meta(json.loads(meta[_META_CONFIG])) if _META_CONFIG in meta else None
         classes = json.loads(meta[_META_CLASSES]) if _META_CLASSES in meta else None
-        return _normalise(Checkpoint(state_dict, source, name, config, classes))
+        ckpt = _normalise(Checkpoint(state_dict, source, name, config, classes))
+        if _META_CROP in meta:
+            try:
+                ckpt.eval_crop = parse_crop(meta[_META_CROP], f"{source}: {_META_CROP}")
+            except CvtLabError:
+                pass  # a hand-edited value: the view is a default, not the weights
+        return ckpt
     with open(path, "rb") as f:
         head = f.read(4)
     # PyTorch writes a zip archive, or before 1.6 a bare pickle (protocol 2 and up start 0x80).
@@ -152,14 +181,34 @@ def _load_hf_folder(folder: Path) -> Checkpoint:
     else:
         raise CvtLabError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
     ckpt.config, ckpt.class_names, ckpt.source = config, names, str(folder)
+    ckpt.img_size, ckpt.crop_pct = _hf_processor_view(folder)
     return ckpt
+
+
+def _hf_processor_view(folder: Path) -> tuple[int | None, float]:
+    """The input size and crop of a Hugging Face folder's image processor (CvT's is ConvNeXt's:
+    ``size.shortest_edge`` and ``crop_pct``, 224 and 0.875 by default)."""
+    try:
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, IMAGENET_CROP
+    size = processor.get("size")
+    if isinstance(size, dict):
+        size = size.get("shortest_edge", size.get("height"))
+    crop_pct = processor.get("crop_pct")
+    size = size if isinstance(size, int) and size > 0 else None
+    ok = isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1
+    return size, float(crop_pct) if ok else IMAGENET_CROP
 
 
 def _download_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin"])
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["config.json", "preprocessor_config.json", "*.safetensors", "*.bin"],
+        )
     except Exception as e:  # network, auth and missing-repo errors all end the same way
         raise CvtLabError(
             f"hf:{repo_id}: could not download from the Hugging Face hub ({type(e).__name__}); "
@@ -181,10 +230,18 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
     ckpt = load_state_dict_file(path)
     head = ckpt.state_dict.get("head.weight")
     # A file from outside cvtlab (no architecture in it) with 1,000 outputs and no names is an
-    # official one: its classes are ImageNet-1k's, in their order.
+    # official one: its classes are ImageNet-1k's, in their order, and it was evaluated as
+    # ImageNet models are.
     if ckpt.config is None and not ckpt.class_names and head is not None:
         if is_imagenet_1k(None, head.shape[0]):
             ckpt.class_names = list(imagenet_1k_classes()[1])
+            ckpt.crop_pct = IMAGENET_CROP
+    if ckpt.config is None:
+        # Official files name their input size: CvT-13-384x384-IN-1k.pth. The architecture
+        # has no position embeddings, so the same tensors fit every size and only the name
+        # tells 384-px weights from 224-px ones.
+        size = re.search(r"(?<!\d)(\d{2,4})x\1(?!\d)", path.name)
+        ckpt.img_size = int(size.group(1)) if size else None
     return ckpt
 
 
@@ -355,6 +412,8 @@ def from_pretrained(
         head = ckpt.state_dict.get("head.weight")
         if head is not None:
             overrides.setdefault("num_classes", head.shape[0])
+    if ckpt.img_size is not None and model is None:
+        overrides.setdefault("img_size", ckpt.img_size)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if act_layer is not None:
@@ -370,6 +429,7 @@ def from_pretrained(
     net = build_model(cfg, name or "model")
     net.model_name = name or "custom"
     load_weights(net, ckpt)
+    net.eval_crop = ckpt.view_for(net.img_size)
     return net
 
 
@@ -383,6 +443,8 @@ def save_weights(model: nn.Module, path: str | Path, class_names: list[str] | No
     names = class_names or getattr(model, "class_names", None)
     if names:
         meta[_META_CLASSES] = json.dumps(list(names))
+    if getattr(model, "eval_crop", 1.0) != 1.0:
+        meta[_META_CROP] = str(model.eval_crop)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

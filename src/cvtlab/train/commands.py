@@ -217,10 +217,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         args.device,
         args.shift,
         args.compile,
+        args.img_size,
+        args.crop,
     )
     if args.format == "json":
         print(json.dumps(result, indent=2))
         return
+    if result["crop"] != 1.0 or args.img_size is not None:
+        print(f"images: {result['view']}")
     views = ["flipped"] * result["flip"]
     views += [f"shifted {result['shift']} px"] * bool(result["shift"])
     averaged = f" (averaged with the {' and '.join(views)} views)" if views else ""
@@ -244,6 +248,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.device,
         args.shift,
         args.compile,
+        args.img_size,
+        args.crop,
     )
     if args.format == "json":
         print(json.dumps(results, indent=2))
@@ -290,6 +296,24 @@ COMPILE_HELP = (
     "compile the model for inference first (30-60 s; then faster: worth it for thousands of images)"
 )
 
+IMG_SIZE_HELP = (
+    "run the model at this input size (any multiple of its total stride; default: the size it "
+    "was trained at, or the one an official file's name gives)"
+)
+
+CROP_HELP = (
+    "how an image becomes a square: the centre fraction of its shorter side (1: all of it, as "
+    "cvtlab trains; 0.875: shorter side to 256, centre 224) or squash (the whole image resized); "
+    "default: the checkpoint's own (official ImageNet weights: 0.875 below 384 px, squash above)"
+)
+
+
+def _add_view_flags(p: argparse.ArgumentParser) -> None:
+    from ..cli import positive_int
+
+    p.add_argument("--img-size", type=positive_int, default=None, help=IMG_SIZE_HELP)
+    p.add_argument("--crop", default=None, help=CROP_HELP)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import positive_int
@@ -327,6 +351,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="auto: the GPU where there is one, else the CPU",
     )
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    _add_view_flags(p)
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_eval)
 
@@ -352,6 +377,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="auto: the GPU where there is one, else the CPU",
     )
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    _add_view_flags(p)
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_cmd_predict)
 
