@@ -234,7 +234,7 @@ def test_killed_build_leaves_nothing_a_later_run_trusts(tmp_path):
 _MARKS: Path | None = None  # where the patched decode below marks each chunk it decoded
 
 
-def _decode_chunk_interrupted_first(source, npy, start, paths, size):
+def _decode_chunk_interrupted_first(source, npy, start, paths, size, crop=1.0):
     """The cache's chunk decode, with Ctrl-C arriving in the first chunk. At module level so
     that the pool's workers can unpickle it."""
     import cvtlab.data.cache as cache
@@ -243,7 +243,7 @@ def _decode_chunk_interrupted_first(source, npy, start, paths, size):
         raise KeyboardInterrupt
     time.sleep(0.05)
     (_MARKS / str(start)).touch()
-    return cache._decode_chunk_real(source, npy, start, paths, size)
+    return cache._decode_chunk_real(source, npy, start, paths, size, crop)
 
 
 def test_ctrl_c_during_a_build_stops_without_decoding_the_rest(tmp_path, monkeypatch):
