@@ -876,3 +876,57 @@ def test_each_crop_is_a_cache_entry_of_its_own(tmp_path):
     for entry, crop in ((whole, 1.0), (cropped, 0.5), (squashed, "squash")):
         again = open_decoded(root, 32, crop=crop)
         assert again.root == entry.root and not again.built_now
+
+
+def test_spawned_processes_open_the_cache_file_instead_of_copying_it(tmp_path):
+    """DataLoader workers on macOS and Windows, and ddp_spawn, are spawned: what they are sent is
+    pickled, and a pickled memory map is a full copy of the decoded images."""
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from cvtlab.data.datamodule import CachedImages, _keep_batch
+
+    images = {f"{i}.png": _noise_png((64, 64), seed=i) for i in range(12)}
+    root = _folder(tmp_path / "f", {"a": images, "b": images})
+    d = open_decoded(root)
+    rows = np.arange(24)[::-1].copy()
+    for obj in (d, CachedImages(d, rows)):
+        blob = pickle.dumps(obj)
+        assert len(blob) < d.images.nbytes / 10
+        assert np.array_equal(np.asarray(pickle.loads(blob).images), np.asarray(d.images))
+    # A slice of the map is not the file: it travels as the copy it is.
+    part = type(d)(d.root, d.images[3:5], d.labels[3:5], d.manifest)
+    assert np.array_equal(pickle.loads(pickle.dumps(part)).images, d.images[3:5])
+    loader = DataLoader(
+        CachedImages(d, rows),
+        batch_size=8,
+        num_workers=1,
+        multiprocessing_context="spawn",
+        collate_fn=_keep_batch,
+    )
+    x, y = next(iter(loader))
+    assert torch.equal(x, torch.from_numpy(np.asarray(d.images[rows[:8]])))
+    assert torch.equal(y, torch.from_numpy(d.labels[rows[:8]]))
+
+
+def test_decoding_without_fork_fallocate_or_flock(tmp_path, monkeypatch):
+    """macOS has no posix_fallocate and spawns its workers; Windows has no fcntl either. The
+    cache builds the same images there, and a disk without room is still one line up front."""
+    from cvtlab.data import cache
+
+    images = {f"{i}.png": _noise_png((80, 60), seed=i) for i in range(10)}
+    root = _folder(tmp_path / "f", {"a": images, "b": images})
+    monkeypatch.setenv("CVTLAB_CACHE", str(tmp_path / "forked"))
+    want = np.asarray(open_decoded(root, 32, workers=1).images)
+    monkeypatch.setenv("CVTLAB_CACHE", str(tmp_path / "spawned"))
+    monkeypatch.setattr(cache, "_START_METHOD", "spawn")
+    monkeypatch.setattr(cache, "_CHUNK", 4)
+    monkeypatch.delattr(os, "posix_fallocate")
+    monkeypatch.setattr(cache, "fcntl", None)
+    d = open_decoded(root, 32, workers=2)
+    assert d.built_now and np.array_equal(np.asarray(d.images), want)
+    monkeypatch.setenv("CVTLAB_CACHE", str(tmp_path / "full"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 5))
+    with pytest.raises(CvtLabError, match=r"no room for the decoded cache \(0 MiB needed, 0 MiB"):
+        open_decoded(root, 32, workers=1)

@@ -11,18 +11,23 @@ in one step, so a build killed half-way leaves nothing a later run trusts; a cha
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: builds are not serialised between processes there
+    fcntl = None
 
 import numpy as np
 
@@ -41,10 +46,29 @@ log = logging.getLogger("cvtlab.data")
 #    on macOS (their __MACOSX/ tree left out) indexed (image_folder.py, sources.py).
 FORMAT_VERSION = 4
 _CHUNK = 2048
+# Decoding workers are forked on Linux (no start-up cost); elsewhere they are spawned, since
+# macOS's system libraries are not safe to use in a child forked from a threaded process, the
+# reason Python spawns there by default, and Windows cannot fork.
+_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("CVTLAB_CACHE") or "~/.cache/cvtlab").expanduser()
+
+
+def reopenable(images: np.ndarray) -> np.ndarray | str:
+    """What to pickle for ``images``: the file of a whole memory-mapped ``.npy``, else the
+    array itself (a slice of one is copied, as numpy pickles it)."""
+    filename = getattr(images, "filename", None) if isinstance(images, np.memmap) else None
+    if filename:
+        whole = np.load(filename, mmap_mode="r")
+        if (whole.shape, whole.strides) == (images.shape, images.strides):
+            return str(filename)
+    return images
+
+
+def reopened(images: np.ndarray | str) -> np.ndarray:
+    return np.load(images, mmap_mode="r") if isinstance(images, str) else images
 
 
 def load_index(path: str | Path | Source) -> DatasetIndex:
@@ -64,6 +88,15 @@ class DecodedDataset:
     labels: np.ndarray
     manifest: dict
     built_now: bool = False  # True when this call decoded the source (not reused)
+
+    # Pickled, a memory map would be a full copy of its data (1.3 GB for Tiny ImageNet at 64 px)
+    # sent to every process that is spawned rather than forked (DataLoader workers on macOS and
+    # Windows, Lightning's ddp_spawn); they open the same file instead.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "images": reopenable(self.images)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, images=reopened(state["images"]))
 
     @property
     def classes(self) -> list[str]:
@@ -157,8 +190,12 @@ def _reserve_space(npy: Path, entry: Path) -> None:
     free = shutil.disk_usage(entry.parent).free
     with open(npy, "r+b") as f:
         length = os.fstat(f.fileno()).st_size
+        allocate = getattr(os, "posix_fallocate", None)  # not on macOS or Windows
         try:
-            os.posix_fallocate(f.fileno(), 0, length)
+            if allocate is not None:
+                allocate(f.fileno(), 0, length)
+            elif length > free:  # without allocation, the free space is the best guess
+                raise OSError(errno.ENOSPC, "not enough free space")
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 return  # a file system without allocation: decode and hope, as before
@@ -204,8 +241,7 @@ def _build(
 
         bar = tqdm(total=n, desc=f"decoding {index.source.location}", unit="img", disable=None)
         if workers > 1 and n > _CHUNK:
-            ctx = get_context("fork" if os.name == "posix" else "spawn")
-            pool = ProcessPoolExecutor(workers, mp_context=ctx)
+            pool = ProcessPoolExecutor(workers, mp_context=get_context(_START_METHOD))
             try:
                 futures = [
                     pool.submit(_decode_chunk, index.source, str(npy), s, ps, size, crop)
@@ -332,7 +368,8 @@ def open_decoded(
         ) from None
     fingerprint = source.fingerprint()
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = _read_manifest(entry)
         data = None
         if manifest is not None and manifest["fingerprint"] == fingerprint:

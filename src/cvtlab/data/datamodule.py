@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import CvtLabError
-from .cache import DecodedDataset, open_decoded
+from .cache import DecodedDataset, open_decoded, reopenable, reopened
 from .splits import plan_splits
 
 
@@ -33,6 +33,12 @@ class CachedImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __getstate__(self) -> dict:  # spawned workers open the cache's file (cache.py)
+        return {**self.__dict__, "images": reopenable(self.images)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, images=reopened(state["images"]))
 
     def __getitem__(self, i: int):
         r = self.rows[i]
