@@ -206,8 +206,8 @@ def test_killed_build_leaves_nothing_a_later_run_trusts(tmp_path):
     code = (
         "import sys, cvtlab.data.cache as c, cvtlab.data.decode as d\n"
         "real = c.decode_image\n"
-        "def slow(data, size):\n"
-        "    import time; time.sleep(0.002); return real(data, size)\n"
+        "def slow(data, size, crop=1.0):\n"
+        "    import time; time.sleep(0.002); return real(data, size, crop)\n"
         "c.decode_image = slow\n"
         "c.open_decoded(sys.argv[1], workers=1)\n"
     )
@@ -217,6 +217,7 @@ def test_killed_build_leaves_nothing_a_later_run_trusts(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not list((cache / "decoded").glob("*.tmp-*")):
         time.sleep(0.05)
+    assert proc.poll() is None, "the build ended before it could be killed"
     time.sleep(0.5)
     proc.kill()
     proc.wait()
