@@ -66,12 +66,12 @@ def evaluate(
     from torchmetrics.classification import MulticlassAccuracy
 
     from .data.cache import open_decoded
-    from .data.decode import crop_label, parse_crop
+    from .data.decode import crop_label
     from .data.download import check_recorded_data, resolve_data
     from .data.splits import plan_splits
     from .machine import describe_machine
 
-    predictor = load_predictor(checkpoint, img_size, None if crop is None else parse_crop(crop))
+    predictor = load_predictor(checkpoint, img_size, crop)
     check_shift(shift, predictor.img_size)
     run = predictor.run_config or {}
     if not data:

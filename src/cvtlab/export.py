@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .data.augment import IMAGENET_MEAN, IMAGENET_STD
-from .data.decode import Crop, resized_side
+from .data.decode import crop_label
 from .errors import CvtLabError, check_creatable
 from .inference import Predictor, load_predictor
 from .models.pretrained import save_weights
@@ -78,7 +78,7 @@ def onnx_metadata(predictor: Predictor) -> dict[str, str]:
         "std": json.dumps(list(IMAGENET_STD)),
         "crop": str(predictor.crop),
         "preprocessing": (
-            f"RGB; {_view_words(predictor.crop, size)}; "
+            f"RGB; {crop_label(predictor.crop, size)} (antialiased resize); "
             "float32 pixels / 255, minus mean, divided by std, per channel; "
             f"(batch, 3, {size}, {size})"
         ),
@@ -91,13 +91,6 @@ def onnx_metadata(predictor: Predictor) -> dict[str, str]:
     if name:
         meta["model"] = name
     return meta
-
-
-def _view_words(crop: Crop, size: int) -> str:
-    if crop == "squash":
-        return f"the whole image resized to {size}x{size} px (antialiased)"
-    side = size if crop == 1.0 else resized_side(size, crop)
-    return f"shorter side resized to {side} px (antialiased), centre {size}x{size} crop"
 
 
 def _write_onnx_metadata(path: Path, predictor: Predictor) -> None:

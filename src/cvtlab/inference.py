@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.augment import normalize
-from .data.decode import Crop, DecodeError, decode_image
+from .data.decode import Crop, DecodeError, decode_image, parse_crop
 from .errors import CvtLabError
 from .models.imagenet import imagenet_1k_aliases, is_imagenet_1k
 
@@ -153,7 +153,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_predictor(
-    checkpoint: str | Path, img_size: int | None = None, crop: Crop | None = None
+    checkpoint: str | Path, img_size: int | None = None, crop: float | str | None = None
 ) -> Predictor:
     """A model in eval mode from a cvtlab ``.ckpt`` or a training run's folder (the checkpoint
     its test scored; its EMA weights when the run kept an EMA), a cvtlab ``.safetensors``
@@ -161,10 +161,10 @@ def load_predictor(
 
     ``img_size`` runs it at another input size than the one it was trained at (CvT has no
     position embeddings: any multiple of its total stride fits the same weights); ``crop``
-    overrides how images become squares (default: the checkpoint's own view)."""
+    overrides how images become squares (a fraction in (0, 1] or ``"squash"``; default: the
+    checkpoint's own view)."""
+    view_given = None if crop is None else parse_crop(crop)
     path = resolve_checkpoint(checkpoint)
-    if img_size is not None and img_size <= 0:
-        raise CvtLabError(f"--img-size must be a positive number of pixels, not {img_size}")
     if path.suffix == ".ckpt":
         from .train.module import load_module
 
@@ -181,8 +181,8 @@ def load_predictor(
         model = from_pretrained(path, **sized).eval()
         names = getattr(model, "class_names", None)
         view = getattr(model, "eval_crop", 1.0)
-    if crop is not None:
-        view = crop
+    if view_given is not None:
+        view = view_given
     known = bool(names)
     if known:
         model.class_names = names

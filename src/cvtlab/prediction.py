@@ -71,7 +71,6 @@ def predict(
     order. An unreadable image (or a folder without images) gets an ``error`` entry instead, and
     the others are still predicted, ``batch_size`` at a time, on ``device`` (``auto``: the GPU
     where there is one); ``compile``, ``img_size`` and ``crop`` as in :func:`evaluate`."""
-    from .data.decode import parse_crop
     from .inference import (
         CompiledForInference,
         check_shift,
@@ -85,7 +84,7 @@ def predict(
     if topk < 1:
         raise CvtLabError(f"--topk must be at least 1, not {topk}")
     device = resolve_device(device)
-    predictor = load_predictor(checkpoint, img_size, None if crop is None else parse_crop(crop))
+    predictor = load_predictor(checkpoint, img_size, crop)
     check_shift(shift, predictor.img_size)
     predictor.model.to(device)
     if compile:
