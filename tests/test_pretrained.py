@@ -374,3 +374,108 @@ def test_hub_id_offline_gives_a_clear_error():
     )
     assert "hf:microsoft/cvt-13: could not download" in r.stdout
     assert "pass its path" in r.stdout
+
+
+class _HubFiles:
+    """The Hugging Face hub's file API for one model repository, served from a folder: the
+    revision, the file tree and each file, as ``huggingface_hub.snapshot_download`` asks."""
+
+    commit = "c" * 40
+
+    def __init__(self, folder):
+        import hashlib
+
+        self.files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        self.tree = [
+            {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            for name, data in self.files.items()
+        ]
+        self.asked: list[str] = []
+
+    def handler(self):
+        import http.server
+
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                hub.asked.append(path.rsplit("/", 1)[-1])
+                if "/tree/" in path:
+                    body = json.dumps(hub.tree).encode()
+                elif path.startswith("/api/models/"):
+                    siblings = [{"rfilename": name} for name in hub.files]
+                    repo = path.removeprefix("/api/models/").split("/revision/")[0]
+                    info = {"id": repo, "sha": hub.commit, "siblings": siblings}
+                    body = json.dumps(info).encode()
+                elif path.rsplit("/", 1)[-1] in hub.files:
+                    body = hub.files[path.rsplit("/", 1)[-1]]
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("X-Repo-Commit", hub.commit)
+                self.send_header("ETag", f'"{hash(body)}"')
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+        return Handler
+
+
+def test_hub_id_downloads_the_model_and_its_processor_from_the_hub(tmp_path):
+    """``hf:<repo>`` fetches config.json, the weights and preprocessor_config.json (the size and
+    crop the model is evaluated at) from the hub, here a stand-in on 127.0.0.1."""
+    import http.server
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    hf = random_hf_model(**HF_CONFIGS["odd"])
+    hf.save_pretrained(tmp_path / "repo")
+    processor = {"crop_pct": 0.875, "size": {"shortest_edge": 384}}
+    (tmp_path / "repo" / "preprocessor_config.json").write_text(json.dumps(processor))
+    (tmp_path / "repo" / "README.md").write_text("a model card, not downloaded\n")
+    hub = _HubFiles(tmp_path / "repo")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), hub.handler())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch\n"
+        "from cvtlab.inference import load_predictor\n"
+        "p = load_predictor('hf:me/cvt-odd-384')\n"
+        "x = torch.load(sys.argv[1], weights_only=True)\n"
+        "with torch.no_grad():\n    torch.save(p.model(x), sys.argv[2])\n"
+        "print(p.img_size, p.crop, p.model.model_name)\n"
+    )
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    finally:
+        server.shutdown()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[:2] == ["384", "squash"]
+    assert "README.md" not in hub.asked and "preprocessor_config.json" in hub.asked
+    ours = cvtlab.from_pretrained(tmp_path / "repo").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), ours(x))
