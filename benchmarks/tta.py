@@ -58,7 +58,7 @@ def train_images(recipe: str, data: str) -> int:
     from cvtlab.models.registry import get_config
 
     cfg = make_config(recipe, data=data)
-    decoded = open_decoded(data, cfg.img_size or get_config(cfg.model).img_size)
+    decoded = open_decoded(data, cfg.img_size or get_config(cfg.model).img_size, upscale=False)
     return len(plan_splits(decoded, cfg.val_per_class, cfg.seed)["train"])
 
 

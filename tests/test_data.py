@@ -931,3 +931,58 @@ def test_decoding_without_fork_fallocate_or_flock(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 5))
     with pytest.raises(CvtLabError, match=r"no room for the decoded cache \(0 MiB needed, 0 MiB"):
         open_decoded(root, 32, workers=1)
+
+
+def test_tiny_imagenet_above_its_size_is_kept_at_64_px_and_resized_per_batch(shapes_small):
+    """A 224-px run on Tiny ImageNet (the fine-tuning recipe) decoded 16.9 GB of upscaled copies
+    of its 64-px images; with upscale=False it reads the 64-px entry and resizes each batch, to
+    the same pixels within 2 grey levels."""
+    from cvtlab.data.augment import resize_images
+
+    at64 = open_decoded(shapes_small, 64)
+    kept = open_decoded(shapes_small, 128, upscale=False)
+    assert kept.root == at64.root and kept.img_size == 64 and not kept.built_now
+    upscaled = open_decoded(shapes_small, 128)  # the default still stores what it is asked
+    assert upscaled.img_size == 128 and upscaled.images.shape[1:] == (128, 128, 3)
+    resized = resize_images(torch.from_numpy(np.array(kept.images)), 128)
+    assert resized.dtype == torch.uint8 and resized.shape == upscaled.images.shape
+    diff = np.abs(resized.numpy().astype(int) - np.asarray(upscaled.images, dtype=int))
+    assert diff.max() <= 2 and diff.mean() < 0.1
+    # `cvtlab data info` prepares, and names, the entry a run at that size uses.
+    from cvtlab.data.commands import info
+
+    assert info(str(shapes_small), 224)["cache_img_size"] == 64
+    # Squashing a square image is its whole-image view: no entry of its own at its own size.
+    assert open_decoded(shapes_small, 64, crop="squash", upscale=False).root == at64.root
+    # Below its size, and centre crops, are decoded as asked.
+    assert open_decoded(shapes_small, 32, upscale=False).img_size == 32
+    cropped = open_decoded(shapes_small, 128, crop=0.875, upscale=False)
+    assert cropped.img_size == 128 and cropped.manifest["crop"] == 0.875
+
+
+def test_resizing_through_float_for_gpus_matches_pillow():
+    """CUDA resizes uint8 batches through float: the same pixels as Pillow, to a grey level."""
+    from cvtlab.data.augment import _resize_through_float
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    for size in (96, 224):
+        want = np.stack(
+            [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in small]
+        )
+        got = _resize_through_float(torch.from_numpy(small).permute(0, 3, 1, 2), size)
+        got = got.permute(0, 2, 3, 1).numpy()
+        assert got.dtype == np.uint8 and np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_a_tiny_imagenet_layout_with_other_image_sizes_is_decoded_at_the_size_asked(tmp_path):
+    src = make_synthetic_tiny_imagenet(
+        tmp_path / "odd", train_per_class=3, val_per_class=1, test_images=1, classes=2
+    )
+    first = next((src / "train").rglob("*.JPEG"))
+    Image.open(first).resize((80, 60)).save(first)
+    d = open_decoded(src, 96, upscale=False)
+    assert d.img_size == 96 and d.images.shape[1:] == (96, 96, 3)
+    # An image folder's sizes are not known before decoding: it is decoded at the size asked.
+    small = {"a": {"x.png": _noise_png((32, 32), 1)}, "b": {"y.png": _noise_png((32, 32), 2)}}
+    assert open_decoded(_folder(tmp_path / "f", small), 96, upscale=False).img_size == 96

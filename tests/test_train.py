@@ -1517,6 +1517,10 @@ def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_p
     assert m["precision"] in ("32", "bf16-mixed")  # the recipe's auto, measured here
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["img_size"] == 224 and saved["pretrained"] == str(official)
+    # Trained at 224 px from the 64-px images, resized per batch: no 224-px copy was decoded.
+    from cvtlab.data.cache import cache_root
+
+    assert not list((cache_root() / "decoded").glob("shapes-224px-*"))
 
 
 @pytest.mark.parametrize("how", ["resize", "crop"])
@@ -1591,6 +1595,60 @@ def test_whiten_stem_starts_the_run_from_the_first_phase_patches(shapes_small, t
     expected = cvtlab.create_model("cvt_xs_64", num_classes=dm.num_classes)
     whiten_stem(expected, dm.data.images, dm.rows["train"], size=32, seed=5)
     assert torch.allclose(first["weight"], expected.stage0.patch_embed.proj.weight, atol=1e-5)
+
+
+def test_a_run_above_tiny_imagenets_size_trains_from_its_64_px_images(shapes_small, tmp_path):
+    """A 96-px run on data in the Tiny ImageNet layout decodes no 96-px copy: its batches are
+    resized from the 64-px entry, for training, validation, the whitened stem, the run's test
+    and a later `cvtlab eval`, which scores the checkpoint as the run did."""
+    import lightning as L
+
+    from cvtlab.data.cache import cache_root
+    from cvtlab.data.datamodule import ImageDataModule
+    from cvtlab.evaluation import evaluate
+    from cvtlab.train.config import make_config
+    from cvtlab.train.run import train
+    from cvtlab.train.whitening import whiten_stem
+
+    seen, first = set(), {}
+
+    class Seen(L.Callback):
+        def on_train_start(self, trainer, module):
+            first["stem"] = module.model.stage0.patch_embed.proj.weight.detach().clone()
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.add(("train", batch[0].shape[-1]))
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            seen.add(("val", batch[0].shape[-1]))
+
+    out = tmp_path / "run"
+    cfg = make_config(
+        recipe(tmp_path, limit_train_batches=2, ckpt_every_n_steps=0),
+        data=str(shapes_small),
+        out=str(out),
+        model="cvt_xs_64",
+        img_size=96,
+        epochs=1,
+        batch_size=50,
+        accelerator="cpu",
+        whiten_stem=True,
+        seed=3,
+    )
+    metrics = train(cfg, extra_callbacks=[Seen()])
+    # A whitened run without a size schedule once lost its config.yaml (a flag was reused).
+    assert (out / "config.yaml").is_file()
+    assert seen == {("train", 96), ("val", 96)}
+    assert not list((cache_root() / "decoded").glob("shapes-96px-*"))
+    dm = ImageDataModule(str(shapes_small), img_size=96, seed=3)
+    dm.setup()
+    assert dm.data.img_size == 64
+    expected = cvtlab.create_model("cvt_xs_64", num_classes=dm.num_classes, img_size=96)
+    whiten_stem(expected, dm.data.images, dm.rows["train"], size=96, seed=3)
+    assert torch.allclose(first["stem"], expected.stage0.patch_embed.proj.weight, atol=1e-5)
+    result = evaluate(str(out), split="test")
+    assert result["img_size"] == 96 and result["top1"] == pytest.approx(metrics["test_top1"])
+    assert result["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
 
 
 def test_a_resumed_whitened_run_keeps_its_trained_stem(shapes_small, tmp_path):

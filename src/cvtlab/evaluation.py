@@ -79,7 +79,9 @@ def evaluate(
         if not data:
             raise CvtLabError(f"{checkpoint}: no config.yaml beside the checkpoint, so pass --data")
         check_recorded_data(data)
-    decoded = open_decoded(resolve_data(data), predictor.img_size, crop=predictor.crop)
+    decoded = open_decoded(
+        resolve_data(data), predictor.img_size, crop=predictor.crop, upscale=False
+    )
     model_label = _model_labels(decoded.class_names, predictor, data)
     if split == "all":
         # Every labelled image: for a dataset the model never trained on (a test set of your
@@ -97,7 +99,7 @@ def evaluate(
     top5 = MulticlassAccuracy(k, top_k=min(5, k), average="micro").to(device)
     per_class = MulticlassAccuracy(k, top_k=1, average=None).to(device)
     loss_sum = 0.0
-    from .data.augment import normalize
+    from .data.augment import normalize, resize_images
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = predictor.model.to(device, dtype)
@@ -107,7 +109,8 @@ def evaluate(
         for a in range(0, len(idx), batch_size):
             rows_b = idx[a : a + batch_size]
             # uint8 to the device, then normalised there: a quarter of the bytes to move.
-            x = normalize(torch.from_numpy(np.asarray(decoded.images[rows_b])).to(device))
+            x = torch.from_numpy(np.asarray(decoded.images[rows_b])).to(device)
+            x = normalize(resize_images(x, predictor.img_size))
             y = torch.from_numpy(model_label[decoded.labels[rows_b]]).to(device)
             logits = view_averaged(model, x.to(dtype), flip, shift)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()

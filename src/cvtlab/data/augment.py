@@ -203,6 +203,28 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
     return (images - m).div_(s)
 
 
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → uint8 (B, size, size, 3), resized bilinearly (antialiased).
+
+    Batches of a dataset kept at its own smaller size (``open_decoded(..., upscale=False)``)
+    come to the model's size here, on the device, instead of being stored upscaled: the same
+    pixels as decoding at ``size``, within 2 grey levels of Pillow's resize on a CPU (uint8
+    kernel) and 1 on a GPU (through float, rounded)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    x = images.permute(0, 3, 1, 2)
+    if x.device.type == "cpu":
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    else:  # CUDA's bilinear kernels take floats only
+        y = _resize_through_float(x, size)
+    return y.permute(0, 2, 3, 1)
+
+
+def _resize_through_float(x: torch.Tensor, size: int) -> torch.Tensor:
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def denormalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Normalised (B, 3, H, W) → float in [0, 1], for showing images."""
     m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)

@@ -16,7 +16,8 @@ def info(data: str, img_size: int = 64) -> dict:
     from .download import resolve_data
 
     path = resolve_data(data)
-    d = open_decoded(path, img_size)
+    # The entry a training run at img_size uses (Tiny ImageNet stays at 64 px above that).
+    d = open_decoded(path, img_size, upscale=False)
     m = d.manifest
     splits = {k: b - a for k, (a, b) in m["splits"].items()}
     return {
@@ -32,6 +33,7 @@ def info(data: str, img_size: int = 64) -> dict:
         "sizes": m.get("sizes", {}),
         "skipped": m["skipped"],
         "cache": str(d.root),
+        "cache_img_size": d.img_size,
         "run_splits": run_splits(d),
     }
 
@@ -80,7 +82,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             )
             parts.append(f"{name} {split['images']}{carved}")
         print("  a training run uses: " + ", ".join(parts))
-    print(f"  decoded cache: {report['cache']}")
+    print(f"  decoded cache: {report['cache']} ({report['cache_img_size']} px)")
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
@@ -88,7 +90,7 @@ def _cmd_show(args: argparse.Namespace) -> None:
     from .cache import open_decoded
     from .download import resolve_data
 
-    d = open_decoded(resolve_data(args.path), args.img_size)
+    d = open_decoded(resolve_data(args.path), args.img_size, upscale=False)
     split = args.split
     if split is None:  # an image folder without split folders has one split, "all"
         split = "train" if "train" in d.manifest["splits"] else next(iter(d.manifest["splits"]))

@@ -153,11 +153,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # One process builds the cache; the others wait on its lock and reuse it.
-        open_decoded(self.data_path, self.img_size)
+        open_decoded(self.data_path, self.img_size, upscale=False)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
-            self.data = open_decoded(self.data_path, self.img_size)
+            # Images smaller than the model's (Tiny ImageNet at 224 px) stay at their own size;
+            # the module resizes each batch on the device.
+            self.data = open_decoded(self.data_path, self.img_size, upscale=False)
             names = self.data.class_names
             if len(names) < 2:
                 raise CvtLabError(

@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from ..data.augment import AugmentConfig, BatchAugment, normalize, random_crop
+from ..data.augment import AugmentConfig, BatchAugment, normalize, random_crop, resize_images
 from ..errors import CvtLabError
 from ..models.registry import build_model, get_config
 from .config import batch_size_at, train_size_at
@@ -193,6 +193,9 @@ class CvTClassifier(L.LightningModule):
     # -- data on the device --------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         images, labels = batch
+        # A dataset kept at its own smaller size (Tiny ImageNet for a 224-px model) comes to the
+        # model's size first, so augmentation sees what it would in an upscaled cache.
+        images = resize_images(images, self.model.img_size)
         if self.trainer is not None and self.trainer.training:
             x, targets = self.augment(images, labels)
             current = train_size_at(self.hparams.train_sizes, epoch := self.schedule_epoch())

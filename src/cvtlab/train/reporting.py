@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.augment import normalize
+from ..data.augment import normalize, resize_images
 from ..report import (
     confused_pairs,
     confused_pairs_plot,
@@ -34,7 +34,8 @@ def write_report(out: Path, module, dm, rows: list[dict], n_predictions: int = 2
         labels = dm.data.labels[pick]
         model = module.eval_model().eval().cpu()
         with torch.no_grad():
-            predicted = model(normalize(torch.from_numpy(images))).argmax(-1).numpy()
+            x = resize_images(torch.from_numpy(images), model.img_size)
+            predicted = model(normalize(x)).argmax(-1).numpy()
         sample_grid(
             images,
             labels,

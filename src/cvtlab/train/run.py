@@ -514,9 +514,10 @@ def _train(cfg: TrainConfig, out: Path, first: bool, extra_callbacks) -> dict:
         if first:
             print(loaded, flush=True)
     if cfg.whiten_stem and not cfg.resume:
-        # The images of the first epochs, at the size they are trained at.
-        first = train_size_at(cfg.train_sizes, 0.0)
-        size = first[0] if first and first[1] == "resize" else None
+        # The images of the first epochs, at the size they are trained at (the model's, also
+        # where the cache keeps smaller images at their own size).
+        phase = train_size_at(cfg.train_sizes, 0.0)
+        size = phase[0] if phase and phase[1] == "resize" else img_size
         whiten_stem(module.model, dm.data.images, dm.rows["train"], size=size, seed=cfg.seed)
     if (cfg.pretrained or cfg.whiten_stem) and not cfg.resume and module.ema is not None:
         module.ema.set(module.model)
