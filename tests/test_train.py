@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1518,9 +1519,7 @@ def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_p
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["img_size"] == 224 and saved["pretrained"] == str(official)
     # Trained at 224 px from the 64-px images, resized per batch: no 224-px copy was decoded.
-    from cvtlab.data.cache import cache_root
-
-    assert not list((cache_root() / "decoded").glob("shapes-224px-*"))
+    assert not whole_image_entries("shapes", 224)
 
 
 @pytest.mark.parametrize("how", ["resize", "crop"])
@@ -1597,13 +1596,21 @@ def test_whiten_stem_starts_the_run_from_the_first_phase_patches(shapes_small, t
     assert torch.allclose(first["weight"], expected.stage0.patch_embed.proj.weight, atol=1e-5)
 
 
+def whole_image_entries(dataset: str, size: int) -> list[str]:
+    """The decoded cache's entries of ``dataset`` at ``size`` px, whole-image view (the view a
+    training run decodes; other tests make centre-crop entries of their own)."""
+    from cvtlab.data.cache import cache_root
+
+    pattern = rf"{dataset}-{size}px-[0-9a-f]{{12}}"
+    return [p.name for p in (cache_root() / "decoded").iterdir() if re.fullmatch(pattern, p.name)]
+
+
 def test_a_run_above_tiny_imagenets_size_trains_from_its_64_px_images(shapes_small, tmp_path):
     """A 96-px run on data in the Tiny ImageNet layout decodes no 96-px copy: its batches are
     resized from the 64-px entry, for training, validation, the whitened stem, the run's test
     and a later `cvtlab eval`, which scores the checkpoint as the run did."""
     import lightning as L
 
-    from cvtlab.data.cache import cache_root
     from cvtlab.data.datamodule import ImageDataModule
     from cvtlab.evaluation import evaluate
     from cvtlab.train.config import make_config
@@ -1639,7 +1646,7 @@ def test_a_run_above_tiny_imagenets_size_trains_from_its_64_px_images(shapes_sma
     # A whitened run without a size schedule once lost its config.yaml (a flag was reused).
     assert (out / "config.yaml").is_file()
     assert seen == {("train", 96), ("val", 96)}
-    assert not list((cache_root() / "decoded").glob("shapes-96px-*"))
+    assert whole_image_entries("shapes", 64) and not whole_image_entries("shapes", 96)
     dm = ImageDataModule(str(shapes_small), img_size=96, seed=3)
     dm.setup()
     assert dm.data.img_size == 64
