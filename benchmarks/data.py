@@ -3,7 +3,10 @@ cache + batched crop/flip, (c) the cache + the full training recipe (crop/flip, 
 random erasing, mixup/cutmix with label smoothing), (d) decoding 12-MP photos to 224 px as the
 cache does (JPEG draft scale) against a full decode and the same resize, interleaved, (e) random
 erasing (p 0.25) on the 30-minute recipe's two batch shapes: timm's per-sample loop, which the CPU
-path uses, against the batched version the GPU path uses, interleaved, in ms per batch.
+path uses, against the batched version the GPU path uses, interleaved, in ms per batch, (f) Tiny
+ImageNet for a 224-px model (the fine-tuning recipe): a generated set in its layout kept at 64 px
+and resized per batch, against a cache entry decoded at 224 px: each entry's build time and size,
+then the recipe's training batches (read, resize, augmentation), interleaved, in ms per batch.
 
     python benchmarks/data.py [--data ZIP_OR_FOLDER] [--batches 40] [--quick]
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tempfile
 import time
@@ -34,6 +38,7 @@ from cvtlab.data.augment import (  # noqa: E402
     crop_flip,
     normalize,
     random_erase,
+    resize_images,
 )
 from cvtlab.data.datamodule import ImageDataModule  # noqa: E402
 from cvtlab.data.sources import open_source  # noqa: E402
@@ -124,6 +129,54 @@ def bench_erasing(shapes: list[tuple[int, int]], rounds: int, p: float = 0.25) -
     return out
 
 
+def bench_kept_small(images: int, rounds: int, batch: int, size: int = 224) -> dict:
+    """(f): a generated Tiny ImageNet of ``images`` images at 64 px in a fresh cache, opened for
+    ``size`` px kept at 64 (``upscale=False``, as training does) and decoded at ``size``."""
+    import yaml
+
+    from cvtlab.data.cache import open_decoded
+    from cvtlab.data.synthetic import make_synthetic_tiny_imagenet
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_imagenet_finetune.yaml"
+    augment = BatchAugment(AugmentConfig(**yaml.safe_load(recipe.read_text())["augment"]), 10)
+    old = os.environ.get("CVTLAB_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["CVTLAB_CACHE"] = str(Path(tmp) / "cache")
+        try:
+            per_class = max(2, images // 10 - 2)
+            data = make_synthetic_tiny_imagenet(
+                Path(tmp) / "shapes", train_per_class=per_class, val_per_class=2, test_images=0
+            )
+            entries, build_s = {}, {}
+            for key, upscale in (("kept_64px", False), (f"decoded_{size}px", True)):
+                t = time.perf_counter()
+                entries[key] = open_decoded(data, size, workers=1, upscale=upscale)
+                build_s[key] = time.perf_counter() - t
+            rng = np.random.default_rng(0)
+            n = len(entries["kept_64px"].labels)
+            times: dict[str, list[float]] = {k: [] for k in entries}
+            for r in range(rounds):
+                for key in list(entries)[:: 1 if r % 2 else -1]:
+                    d = entries[key]
+                    t = time.perf_counter()
+                    rows = np.sort(rng.choice(n, min(batch, n), replace=False))
+                    x = resize_images(torch.from_numpy(np.array(d.images[rows])), size)
+                    augment(x, torch.from_numpy(d.labels[rows]))
+                    times[key].append(time.perf_counter() - t)
+            return {
+                "images": n,
+                "bytes": {k: os.path.getsize(d.root / "images.npy") for k, d in entries.items()},
+                "build_s": build_s,
+                "ms_per_batch": {k: 1e3 * median(v[1:]) for k, v in times.items()},
+                "batch": min(batch, n),
+            }
+        finally:
+            if old is None:
+                os.environ.pop("CVTLAB_CACHE", None)
+            else:
+                os.environ["CVTLAB_CACHE"] = old
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(TINY_ZIP) if TINY_ZIP.is_file() else None)
@@ -131,6 +184,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--decode-images", type=int, default=5000)
     p.add_argument("--photos", type=int, default=12, help="12-MP JPEGs for (d)")
+    p.add_argument("--kept-images", type=int, default=4000, help="generated images for (f)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -157,6 +211,9 @@ def main(argv=None) -> dict:
     erasing = bench_erasing(
         [(8, 32)] if args.quick else [(256, 32), (96, 64)], 3 if args.quick else 50
     )
+    kept = bench_kept_small(
+        120 if args.quick else args.kept_images, 3 if args.quick else 20, 16 if args.quick else 128
+    )
     print(f"data: {args.data}  batch {args.batch_size}, 1 thread")
     print(f"{'pipeline':<24} {'images/s':>10}")
     for k, v in results.items():
@@ -175,6 +232,15 @@ def main(argv=None) -> dict:
             f"(e) random erasing, batch {shape}: timm's loop {ms['timm_loop']:.2f} ms, "
             f"batched {ms['batched']:.2f} ms"
         )
+    big, small = kept["bytes"]["decoded_224px"], kept["bytes"]["kept_64px"]
+    ms = kept["ms_per_batch"]
+    print(
+        f"(f) {kept['images']} Tiny-ImageNet-layout images for 224 px: kept at 64 px "
+        f"{small / 2**20:.0f} MiB in {kept['build_s']['kept_64px']:.1f} s, decoded at 224 px "
+        f"{big / 2**20:.0f} MiB in {kept['build_s']['decoded_224px']:.1f} s ({big / small:.1f}x); "
+        f"fine-tuning batch of {kept['batch']} {ms['kept_64px']:.0f} ms resized against "
+        f"{ms['decoded_224px']:.0f} ms ({ms['decoded_224px'] / ms['kept_64px']:.2f}x)"
+    )
     if not args.no_write:
         print(
             write_result(
@@ -185,10 +251,11 @@ def main(argv=None) -> dict:
                     "images_per_second": results,
                     "photos_to_224px": {"size": list(photo_size), **photos},
                     "random_erasing_ms_per_batch": erasing,
+                    "tiny_imagenet_for_224px": kept,
                 },
             )
         )
-    return {**results, "d_photos": photos, "e_erasing_ms": erasing}
+    return {**results, "d_photos": photos, "e_erasing_ms": erasing, "f_kept_small": kept}
 
 
 if __name__ == "__main__":

@@ -83,6 +83,11 @@ def test_data_benchmark_runs(shapes_small):
     rates = data_bench.main(["--data", str(shapes_small), "--quick", "--no-write"])
     photos = rates.pop("d_photos")
     erasing = rates.pop("e_erasing_ms")
+    kept = rates.pop("f_kept_small")
+    # Kept at 64 px, Tiny ImageNet takes (64/224)^2 of the 224-px entry's bytes (plus headers).
+    sizes = kept["bytes"]
+    assert sizes["decoded_224px"] / sizes["kept_64px"] == pytest.approx((224 / 64) ** 2, rel=0.01)
+    assert all(ms > 0 for ms in kept["ms_per_batch"].values())
     assert set(rates) == {"a_decode_zip_pil", "b_cache_crop_flip", "c_cache_full_recipe"}
     assert all(v > 0 for v in rates.values())
     assert photos["full_decode"] > 0 and photos["draft_decode"] > 0
