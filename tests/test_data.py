@@ -948,6 +948,12 @@ def test_tiny_imagenet_above_its_size_is_kept_at_64_px_and_resized_per_batch(sha
     assert resized.dtype == torch.uint8 and resized.shape == upscaled.images.shape
     diff = np.abs(resized.numpy().astype(int) - np.asarray(upscaled.images, dtype=int))
     assert diff.max() <= 2 and diff.mean() < 0.1
+    # The data module hands out batches at the size asked unless told the model resizes them.
+    for upscale, side in ((True, 128), (False, 64)):
+        dm = ImageDataModule(str(shapes_small), img_size=128, batch_size=8, upscale=upscale)
+        dm.setup()
+        images, _ = next(iter(dm.train_dataloader()))
+        assert images.shape == (8, side, side, 3)
     # `cvtlab data info` prepares, and names, the entry a run at that size uses.
     from cvtlab.data.commands import info
 

@@ -1647,7 +1647,7 @@ def test_a_run_above_tiny_imagenets_size_trains_from_its_64_px_images(shapes_sma
     assert (out / "config.yaml").is_file()
     assert seen == {("train", 96), ("val", 96)}
     assert whole_image_entries("shapes", 64) and not whole_image_entries("shapes", 96)
-    dm = ImageDataModule(str(shapes_small), img_size=96, seed=3)
+    dm = ImageDataModule(str(shapes_small), img_size=96, seed=3, upscale=False)
     dm.setup()
     assert dm.data.img_size == 64
     expected = cvtlab.create_model("cvt_xs_64", num_classes=dm.num_classes, img_size=96)

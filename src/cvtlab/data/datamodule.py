@@ -125,7 +125,12 @@ class ScheduledBatches(Sampler[list[int]]):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Tiny ImageNet (zip or folder) or any image folder, from the decoded cache."""
+    """Tiny ImageNet (zip or folder) or any image folder, from the decoded cache: batches of
+    uint8 (B, img_size, img_size, 3) images and their labels.
+
+    ``upscale=False``: images smaller than ``img_size`` that the cache keeps at their own size
+    (Tiny ImageNet's 64 px) come in batches at that size, for the model's module to resize on
+    the device (:func:`~cvtlab.data.augment.resize_images`; cvtlab's training module does)."""
 
     def __init__(
         self,
@@ -136,10 +141,12 @@ class ImageDataModule(L.LightningDataModule):
         val_per_class: int = 10,
         seed: int = 0,
         num_workers: int = 0,
+        upscale: bool = True,
     ):
         super().__init__()
         self.data_path = str(data)
         self.img_size = img_size
+        self.upscale = upscale
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_per_class = val_per_class
@@ -153,13 +160,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # One process builds the cache; the others wait on its lock and reuse it.
-        open_decoded(self.data_path, self.img_size, upscale=False)
+        open_decoded(self.data_path, self.img_size, upscale=self.upscale)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
-            # Images smaller than the model's (Tiny ImageNet at 224 px) stay at their own size;
-            # the module resizes each batch on the device.
-            self.data = open_decoded(self.data_path, self.img_size, upscale=False)
+            self.data = open_decoded(self.data_path, self.img_size, upscale=self.upscale)
             names = self.data.class_names
             if len(names) < 2:
                 raise CvtLabError(

@@ -428,6 +428,9 @@ def _train(cfg: TrainConfig, out: Path, first: bool, extra_callbacks) -> dict:
         val_per_class=cfg.val_per_class,
         seed=cfg.seed,
         num_workers=cfg.num_workers,
+        # Images smaller than the model's (Tiny ImageNet at 224 px) stay at their own size in
+        # the cache; the module resizes each batch on the device.
+        upscale=False,
     )
     dm.prepare_data()
     dm.setup()
