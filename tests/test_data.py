@@ -936,7 +936,7 @@ def test_decoding_without_fork_fallocate_or_flock(tmp_path, monkeypatch):
 def test_tiny_imagenet_above_its_size_is_kept_at_64_px_and_resized_per_batch(shapes_small):
     """A 224-px run on Tiny ImageNet (the fine-tuning recipe) decoded 16.9 GB of upscaled copies
     of its 64-px images; with upscale=False it reads the 64-px entry and resizes each batch, to
-    the same pixels within 2 grey levels."""
+    the same pixels within 2 grey levels, for the whole image and for centre crops."""
     from cvtlab.data.augment import resize_images
 
     at64 = open_decoded(shapes_small, 64)
@@ -960,10 +960,17 @@ def test_tiny_imagenet_above_its_size_is_kept_at_64_px_and_resized_per_batch(sha
     assert info(str(shapes_small), 224)["cache_img_size"] == 64
     # Squashing a square image is its whole-image view: no entry of its own at its own size.
     assert open_decoded(shapes_small, 64, crop="squash", upscale=False).root == at64.root
-    # Below its size, and centre crops, are decoded as asked.
+    # A centre crop is the kept images resized to size / crop and cut (the official 0.875 at
+    # 128 px: shorter side to 146, centre 128); at 56 px the resize is to 64, none at all.
+    for size, within in ((128, 2), (56, 0)):
+        assert open_decoded(shapes_small, size, crop=0.875, upscale=False).root == at64.root
+        decoded = np.asarray(open_decoded(shapes_small, size, crop=0.875).images, dtype=int)
+        resized = resize_images(torch.from_numpy(np.array(kept.images)), size, crop=0.875)
+        assert resized.shape == decoded.shape
+        assert np.abs(resized.numpy().astype(int) - decoded).max() <= within
+    # Below its size it is decoded as asked.
     assert open_decoded(shapes_small, 32, upscale=False).img_size == 32
-    cropped = open_decoded(shapes_small, 128, crop=0.875, upscale=False)
-    assert cropped.img_size == 128 and cropped.manifest["crop"] == 0.875
+    assert open_decoded(shapes_small, 48, crop=0.875, upscale=False).img_size == 48
 
 
 def test_resizing_through_float_for_gpus_matches_pillow():

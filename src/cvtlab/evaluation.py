@@ -82,6 +82,9 @@ def evaluate(
     decoded = open_decoded(
         resolve_data(data), predictor.img_size, crop=predictor.crop, upscale=False
     )
+    # Tiny ImageNet stays at its own 64 px for a larger view; each batch is brought to it.
+    view = (predictor.img_size, predictor.crop)
+    kept_small = (decoded.img_size, decoded.manifest.get("crop", 1.0)) != view
     model_label = _model_labels(decoded.class_names, predictor, data)
     if split == "all":
         # Every labelled image: for a dataset the model never trained on (a test set of your
@@ -110,7 +113,9 @@ def evaluate(
             rows_b = idx[a : a + batch_size]
             # uint8 to the device, then normalised there: a quarter of the bytes to move.
             x = torch.from_numpy(np.asarray(decoded.images[rows_b])).to(device)
-            x = normalize(resize_images(x, predictor.img_size))
+            if kept_small:
+                x = resize_images(x, predictor.img_size, predictor.crop)
+            x = normalize(x)
             y = torch.from_numpy(model_label[decoded.labels[rows_b]]).to(device)
             logits = view_averaged(model, x.to(dtype), flip, shift)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()

@@ -18,6 +18,7 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 
 from ..errors import CvtLabError
+from .decode import Crop, resized_side
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -203,21 +204,27 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
     return (images - m).div_(s)
 
 
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → uint8 (B, size, size, 3), resized bilinearly (antialiased).
+def resize_images(images: torch.Tensor, size: int, crop: Crop = 1.0) -> torch.Tensor:
+    """Square uint8 images (B, H, H, 3) → uint8 (B, size, size, 3), seen as ``crop`` says
+    (:func:`~cvtlab.data.decode.decode_image`): resized bilinearly (antialiased) to ``size``,
+    or for a crop fraction to ``size / crop`` and the centre ``size`` × ``size`` taken.
 
     Batches of a dataset kept at its own smaller size (``open_decoded(..., upscale=False)``)
-    come to the model's size here, on the device, instead of being stored upscaled: the same
+    come to the model's view here, on the device, instead of being stored upscaled: the same
     pixels as decoding at ``size``, within 2 grey levels of Pillow's resize on a CPU (uint8
     kernel) and 1 on a GPU (through float, rounded)."""
-    if images.shape[1:3] == (size, size):
-        return images
-    x = images.permute(0, 3, 1, 2)
-    if x.device.type == "cpu":
-        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    else:  # CUDA's bilinear kernels take floats only
-        y = _resize_through_float(x, size)
-    return y.permute(0, 2, 3, 1)
+    side = size if crop in (1.0, "squash") else resized_side(size, crop)
+    if images.shape[1:3] != (side, side):
+        x = images.permute(0, 3, 1, 2)
+        if x.device.type == "cpu":
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+        else:  # CUDA's bilinear kernels take floats only
+            x = _resize_through_float(x, side)
+        images = x.permute(0, 2, 3, 1)
+    if side != size:
+        top = (side - size) // 2  # as decode_image crops: the centre, rounded down
+        images = images[:, top : top + size, top : top + size]
+    return images
 
 
 def _resize_through_float(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ except ImportError:  # Windows: builds are not serialised between processes ther
 import numpy as np
 
 from ..errors import CvtLabError
-from .decode import GRAY_MODES, Crop, DecodeError, decode_image
+from .decode import GRAY_MODES, Crop, DecodeError, decode_image, resized_side
 from .image_folder import index_image_folder
 from .index import DatasetIndex
 from .sources import Source, open_source
@@ -372,15 +372,16 @@ def open_decoded(
     ``crop``: how each image becomes a square (:func:`~cvtlab.data.decode.decode_image`); each
     choice is an entry of its own.
 
-    ``upscale=False``: a dataset whose images are all one square size below ``img_size`` (Tiny
-    ImageNet's 64x64) is kept at that size, and ``DecodedDataset.img_size`` says so; the caller
-    brings batches to ``img_size`` with :func:`~cvtlab.data.augment.resize_images`. At 224 px
-    that stores Tiny ImageNet in 1.3 GB instead of 16.9, the entry its 64-px runs use."""
+    ``upscale=False``: a dataset whose images are all one square size that ``img_size`` and
+    ``crop`` would upscale (Tiny ImageNet's 64x64) is kept at that size, its whole-image entry,
+    and ``DecodedDataset.img_size`` says so; the caller brings batches to ``img_size`` and
+    ``crop`` with :func:`~cvtlab.data.augment.resize_images`. At 224 px that stores Tiny
+    ImageNet in 1.3 GB instead of 16.9, and every view of it in the entry its 64-px runs use."""
     source = open_source(path)
-    if not upscale and crop in (1.0, "squash"):
+    if not upscale:
         side = TINY_IMAGENET_SIDE if looks_like_tiny_imagenet(source.files()) else None
-        # At its own size a square image's whole-image and centre-square views are one.
-        if side is not None and (side < img_size or (side == img_size and crop == "squash")):
+        resized = img_size if crop in (1.0, "squash") else resized_side(img_size, crop)
+        if side is not None and resized >= side:
             data = _open_or_build(source, side, workers, 1.0)
             if set(data.manifest.get("sizes", {})) == {f"{side}x{side}"}:
                 return data
