@@ -996,6 +996,29 @@ def test_a_tiny_imagenet_layout_with_other_image_sizes_is_decoded_at_the_size_as
     Image.open(first).resize((80, 60)).save(first)
     d = open_decoded(src, 96, upscale=False)
     assert d.img_size == 96 and d.images.shape[1:] == (96, 96, 3)
-    # An image folder's sizes are not known before decoding: it is decoded at the size asked.
-    small = {"a": {"x.png": _noise_png((32, 32), 1)}, "b": {"y.png": _noise_png((32, 32), 2)}}
-    assert open_decoded(_folder(tmp_path / "f", small), 96, upscale=False).img_size == 96
+
+
+def test_an_image_folder_of_small_squares_is_kept_at_their_size(tmp_path, monkeypatch):
+    """A CIFAR-like folder (32x32 images) for a 96-px model is kept at 32 px, learnt from the
+    images' headers once; photos, or squares of mixed sizes, are decoded at the size asked."""
+    import cvtlab.data.cache as cache
+    from cvtlab.data.augment import resize_images
+
+    squares = {
+        c: {f"{i}.png": _noise_png((32, 32), 10 * k + i) for i in range(3)}
+        for k, c in enumerate("ab")
+    }
+    root = _folder(tmp_path / "small", squares)
+    kept = open_decoded(root, 96, upscale=False)
+    assert kept.img_size == 32 and kept.root == open_decoded(root, 32).root
+    upscaled = np.asarray(open_decoded(root, 96).images, dtype=int)
+    resized = resize_images(torch.from_numpy(np.array(kept.images)), 96).numpy()
+    assert np.abs(resized.astype(int) - upscaled).max() <= 2
+    # The headers are read once; a changed folder is read again.
+    monkeypatch.setattr(cache, "_side_from_headers", lambda source: pytest.fail("read again"))
+    assert open_decoded(root, 64, upscale=False).img_size == 32
+    monkeypatch.undo()
+    (root / "b" / "big.png").write_bytes(_noise_png((40, 40), 99))
+    assert open_decoded(root, 96, upscale=False).img_size == 96
+    photos = {"a": {"x.png": _noise_png(seed=1)}, "b": {"y.png": _noise_png(seed=2)}}
+    assert open_decoded(_folder(tmp_path / "f", photos), 96, upscale=False).img_size == 96

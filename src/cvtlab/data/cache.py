@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -358,6 +359,8 @@ def _remove_older_formats(entry: Path, manifest: dict) -> None:
 
 # Tiny ImageNet's images are all 64x64 (the dataset's definition; checked after decoding).
 TINY_IMAGENET_SIDE = 64
+# Enough of a file for Pillow to read an image's size from its header.
+_HEADER_BYTES = 1 << 16
 
 
 def open_decoded(
@@ -373,14 +376,14 @@ def open_decoded(
     choice is an entry of its own.
 
     ``upscale=False``: a dataset whose images are all one square size that ``img_size`` and
-    ``crop`` would upscale (Tiny ImageNet's 64x64) is kept at that size, its whole-image entry,
-    and ``DecodedDataset.img_size`` says so; the caller brings batches to ``img_size`` and
-    ``crop`` with :func:`~cvtlab.data.augment.resize_images`. At 224 px that stores Tiny
-    ImageNet in 1.3 GB instead of 16.9, and every view of it in the entry its 64-px runs use."""
+    ``crop`` would upscale (Tiny ImageNet's 64x64, a CIFAR folder's 32x32) is kept at that size,
+    its whole-image entry, and ``DecodedDataset.img_size`` says so; the caller brings batches to
+    ``img_size`` and ``crop`` with :func:`~cvtlab.data.augment.resize_images`. At 224 px that
+    stores Tiny ImageNet in 1.3 GB instead of 16.9, in the entry its 64-px runs use."""
     source = open_source(path)
     if not upscale:
-        side = TINY_IMAGENET_SIDE if looks_like_tiny_imagenet(source.files()) else None
         resized = img_size if crop in (1.0, "squash") else resized_side(img_size, crop)
+        side = square_side(source)
         if side is not None and resized >= side:
             data = _open_or_build(source, side, workers, 1.0)
             if set(data.manifest.get("sizes", {})) == {f"{side}x{side}"}:
@@ -393,6 +396,52 @@ def open_decoded(
                 img_size,
             )
     return _open_or_build(source, img_size, workers, crop)
+
+
+def square_side(source: Source) -> int | None:
+    """S where every image of the dataset is S×S, else None: Tiny ImageNet's 64 by its layout,
+    any other dataset from its images' headers (reading stops at the first that differs, so a
+    folder of photos costs one header). The answer is kept beside the cache entries until the
+    source changes."""
+    if looks_like_tiny_imagenet(source.files()):
+        return TINY_IMAGENET_SIDE
+    location = str(getattr(source, "path", source.location))
+    key = hashlib.sha1(location.encode()).hexdigest()[:12]
+    stem = Path(location).name.replace(".zip", "") or "dataset"
+    record = cache_root() / "decoded" / f"{stem}-square-side-{key}.json"
+    fingerprint = source.fingerprint()
+    try:
+        known = json.loads(record.read_text())
+        if known.get("fingerprint") == fingerprint:
+            return known.get("side")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
+    side = _side_from_headers(source)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "side": side}))
+        os.replace(tmp, record)
+    except OSError:
+        pass  # an unwritable cache is reported where the entry is made
+    return side
+
+
+def _side_from_headers(source: Source) -> int | None:
+    from PIL import Image
+
+    side = None
+    for pairs in load_index(source).splits.values():
+        for path, _ in pairs:
+            try:
+                with Image.open(io.BytesIO(source.read_head(path, _HEADER_BYTES))) as img:
+                    width, height = img.size
+            except (OSError, SyntaxError, ValueError, CvtLabError, Image.DecompressionBombError):
+                continue  # decoding will skip it, or read it in full
+            if width != height or (side is not None and width != side):
+                return None
+            side = width
+    return side
 
 
 def _open_or_build(source: Source, img_size: int, workers: int | None, crop: Crop):

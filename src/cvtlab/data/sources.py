@@ -32,6 +32,10 @@ class Source:
     def read(self, path: str) -> bytes:
         raise NotImplementedError
 
+    def read_head(self, path: str, n: int) -> bytes:
+        """The first ``n`` bytes of a file (an image's header, to learn its size)."""
+        return self.read(path)[:n]
+
     def folders(self) -> set[str]:
         """Every folder, including empty ones where the format records them."""
         found = set()
@@ -79,12 +83,16 @@ class ZipSource(Source):
         return list(self._names)
 
     def read(self, path: str) -> bytes:
+        return self.read_head(path, -1)
+
+    def read_head(self, path: str, n: int) -> bytes:
         # A ZipFile handle must not be shared across forked worker processes.
         if self._zip is None or self._pid != os.getpid():
             self._zip = zipfile.ZipFile(self.path)
             self._pid = os.getpid()
         try:
-            return self._zip.read(self.prefix + path)
+            with self._zip.open(self.prefix + path) as f:
+                return f.read(n)  # all of it for n = -1
         except KeyError:
             raise CvtLabError(f"{self.describe(path)}: no such file in the zip") from None
         except (zipfile.BadZipFile, zlib.error, OSError) as e:
@@ -118,6 +126,13 @@ class DirSource(Source):
     def read(self, path: str) -> bytes:
         try:
             return (self.path / path).read_bytes()
+        except OSError as e:
+            raise CvtLabError(f"{self.describe(path)}: cannot be read ({e.strerror})") from None
+
+    def read_head(self, path: str, n: int) -> bytes:
+        try:
+            with open(self.path / path, "rb") as f:
+                return f.read(n)
         except OSError as e:
             raise CvtLabError(f"{self.describe(path)}: cannot be read ({e.strerror})") from None
 
