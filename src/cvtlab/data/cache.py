@@ -383,7 +383,7 @@ def open_decoded(
     source = open_source(path)
     if not upscale:
         resized = img_size if crop in (1.0, "squash") else resized_side(img_size, crop)
-        side = square_side(source)
+        side = _square_side(source)
         if side is not None and resized >= side:
             data = _open_or_build(source, side, workers, 1.0)
             if set(data.manifest.get("sizes", {})) == {f"{side}x{side}"}:
@@ -398,7 +398,7 @@ def open_decoded(
     return _open_or_build(source, img_size, workers, crop)
 
 
-def square_side(source: Source) -> int | None:
+def _square_side(source: Source) -> int | None:
     """S where every image of the dataset is S×S, else None: Tiny ImageNet's 64 by its layout,
     any other dataset from its images' headers (reading stops at the first that differs, so a
     folder of photos costs one header). The answer is kept beside the cache entries until the
