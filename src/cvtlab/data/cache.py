@@ -131,13 +131,18 @@ class DecodedDataset:
         return self.manifest["files"][a:b]
 
 
-def _entry_dir(source: Source, size: int, crop: Crop = 1.0) -> Path:
+def _cache_name(source: Source, key_text: str = "") -> tuple[str, str]:
+    """The name the cache gives ``source`` (its folder or zip's name) and a 12-digit key of its
+    location and ``key_text``."""
     location = str(getattr(source, "path", source.location))
+    key = hashlib.sha1(f"{location}{key_text}".encode()).hexdigest()[:12]
+    return Path(location).name.replace(".zip", "") or "dataset", key
+
+
+def _entry_dir(source: Source, size: int, crop: Crop = 1.0) -> Path:
     # The whole-shorter-side entries keep the names they had before crops could be chosen.
     view = "" if crop == 1.0 else f"-{crop}" if crop == "squash" else f"-crop{crop:g}"
-    key_text = f"{location}|{size}|{FORMAT_VERSION}" + (f"|{crop}" if view else "")
-    key = hashlib.sha1(key_text.encode()).hexdigest()[:12]
-    stem = Path(location).name.replace(".zip", "") or "dataset"
+    stem, key = _cache_name(source, f"|{size}|{FORMAT_VERSION}" + (f"|{crop}" if view else ""))
     return cache_root() / "decoded" / f"{stem}-{size}px{view}-{key}"
 
 
@@ -381,11 +386,12 @@ def open_decoded(
     ``img_size`` and ``crop`` with :func:`~cvtlab.data.augment.resize_images`. At 224 px that
     stores Tiny ImageNet in 1.3 GB instead of 16.9, in the entry its 64-px runs use."""
     source = open_source(path)
+    fingerprint = source.fingerprint()
     if not upscale:
         resized = img_size if crop in (1.0, "squash") else resized_side(img_size, crop)
-        side = _square_side(source)
+        side = _square_side(source, fingerprint)
         if side is not None and resized >= side:
-            data = _open_or_build(source, side, workers, 1.0)
+            data = _open_or_build(source, side, workers, 1.0, fingerprint)
             if set(data.manifest.get("sizes", {})) == {f"{side}x{side}"}:
                 return data
             log.info(
@@ -395,21 +401,18 @@ def open_decoded(
                 side,
                 img_size,
             )
-    return _open_or_build(source, img_size, workers, crop)
+    return _open_or_build(source, img_size, workers, crop, fingerprint)
 
 
-def _square_side(source: Source) -> int | None:
+def _square_side(source: Source, fingerprint: str) -> int | None:
     """S where every image of the dataset is S×S, else None: Tiny ImageNet's 64 by its layout,
     any other dataset from its images' headers (reading stops at the first that differs, so a
     folder of photos costs one header). The answer is kept beside the cache entries until the
     source changes."""
     if looks_like_tiny_imagenet(source.files()):
         return TINY_IMAGENET_SIDE
-    location = str(getattr(source, "path", source.location))
-    key = hashlib.sha1(location.encode()).hexdigest()[:12]
-    stem = Path(location).name.replace(".zip", "") or "dataset"
+    stem, key = _cache_name(source)
     record = cache_root() / "decoded" / f"{stem}-square-side-{key}.json"
-    fingerprint = source.fingerprint()
     try:
         known = json.loads(record.read_text())
         if known.get("fingerprint") == fingerprint:
@@ -444,7 +447,9 @@ def _side_from_headers(source: Source) -> int | None:
     return side
 
 
-def _open_or_build(source: Source, img_size: int, workers: int | None, crop: Crop):
+def _open_or_build(
+    source: Source, img_size: int, workers: int | None, crop: Crop, fingerprint: str
+) -> DecodedDataset:
     entry = _entry_dir(source, img_size, crop)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -453,7 +458,6 @@ def _open_or_build(source: Source, img_size: int, workers: int | None, crop: Cro
             f"{entry.parent}: the decoded cache cannot be made there ({e.strerror}); set "
             "CVTLAB_CACHE to a folder this user can write"
         ) from None
-    fingerprint = source.fingerprint()
     with open(entry.with_name(entry.name + ".lock"), "w") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
