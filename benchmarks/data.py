@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -139,42 +140,37 @@ def bench_kept_small(images: int, rounds: int, batch: int, size: int = 224) -> d
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_imagenet_finetune.yaml"
     augment = BatchAugment(AugmentConfig(**yaml.safe_load(recipe.read_text())["augment"]), 10)
-    old = os.environ.get("CVTLAB_CACHE")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["CVTLAB_CACHE"] = str(Path(tmp) / "cache")
-        try:
-            per_class = max(2, images // 10 - 2)
-            data = make_synthetic_tiny_imagenet(
-                Path(tmp) / "shapes", train_per_class=per_class, val_per_class=2, test_images=0
-            )
-            entries, build_s = {}, {}
-            for key, upscale in (("kept_64px", False), (f"decoded_{size}px", True)):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.dict(os.environ, {"CVTLAB_CACHE": str(Path(tmp) / "cache")}),
+    ):
+        per_class = max(2, images // 10 - 2)
+        data = make_synthetic_tiny_imagenet(
+            Path(tmp) / "shapes", train_per_class=per_class, val_per_class=2, test_images=0
+        )
+        entries, build_s = {}, {}
+        for key, upscale in (("kept_64px", False), (f"decoded_{size}px", True)):
+            t = time.perf_counter()
+            entries[key] = open_decoded(data, size, workers=1, upscale=upscale)
+            build_s[key] = time.perf_counter() - t
+        rng = np.random.default_rng(0)
+        n = len(entries["kept_64px"].labels)
+        times: dict[str, list[float]] = {k: [] for k in entries}
+        for r in range(rounds):
+            for key in list(entries)[:: 1 if r % 2 else -1]:
+                d = entries[key]
                 t = time.perf_counter()
-                entries[key] = open_decoded(data, size, workers=1, upscale=upscale)
-                build_s[key] = time.perf_counter() - t
-            rng = np.random.default_rng(0)
-            n = len(entries["kept_64px"].labels)
-            times: dict[str, list[float]] = {k: [] for k in entries}
-            for r in range(rounds):
-                for key in list(entries)[:: 1 if r % 2 else -1]:
-                    d = entries[key]
-                    t = time.perf_counter()
-                    rows = np.sort(rng.choice(n, min(batch, n), replace=False))
-                    x = resize_images(torch.from_numpy(np.array(d.images[rows])), size)
-                    augment(x, torch.from_numpy(d.labels[rows]))
-                    times[key].append(time.perf_counter() - t)
-            return {
-                "images": n,
-                "bytes": {k: os.path.getsize(d.root / "images.npy") for k, d in entries.items()},
-                "build_s": build_s,
-                "ms_per_batch": {k: 1e3 * median(v[1:]) for k, v in times.items()},
-                "batch": min(batch, n),
-            }
-        finally:
-            if old is None:
-                os.environ.pop("CVTLAB_CACHE", None)
-            else:
-                os.environ["CVTLAB_CACHE"] = old
+                rows = np.sort(rng.choice(n, min(batch, n), replace=False))
+                x = resize_images(torch.from_numpy(np.array(d.images[rows])), size)
+                augment(x, torch.from_numpy(d.labels[rows]))
+                times[key].append(time.perf_counter() - t)
+        return {
+            "images": n,
+            "bytes": {k: os.path.getsize(d.root / "images.npy") for k, d in entries.items()},
+            "build_s": build_s,
+            "ms_per_batch": {k: 1e3 * median(v[1:]) for k, v in times.items()},
+            "batch": min(batch, n),
+        }
 
 
 def main(argv=None) -> dict:
