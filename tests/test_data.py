@@ -72,7 +72,7 @@ def test_real_zip_val_labels_and_boxes_follow_the_annotations(tiny_zip):
 
 @pytest.mark.slow
 def test_real_zip_info_json(tiny_decoded):
-    r = run_cli("data", "info", str(tiny_decoded.manifest["source"]), "--format", "json")
+    r = run_cli_here("data", "info", str(tiny_decoded.manifest["source"]), "--format", "json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["classes"] == 200
@@ -85,7 +85,7 @@ def test_real_zip_info_json(tiny_decoded):
 def test_data_info_tells_which_splits_have_no_labels(shapes_small, tmp_path):
     """Tiny ImageNet's test folder carries no labels; a folder's test split of class folders
     does."""
-    r = run_cli("data", "info", str(shapes_small))
+    r = run_cli_here("data", "info", str(shapes_small))
     assert r.returncode == 0, r.stderr
     lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:4]}
     assert lines["test"].endswith("no labels") and "no labels" not in lines["val"]
@@ -621,7 +621,7 @@ def test_datamodule_batches_are_uint8_and_deterministic(shapes_small):
 
 def test_data_show_writes_a_png(shapes_small, tmp_path):
     out = tmp_path / "grid.png"
-    r = run_cli("data", "show", str(shapes_small), "--n", "8", "--out", str(out))
+    r = run_cli_here("data", "show", str(shapes_small), "--n", "8", "--out", str(out))
     assert r.returncode == 0, r.stderr
     img = Image.open(out)
     assert img.format == "PNG" and img.size[0] > 400

@@ -10,7 +10,7 @@ import pytest
 from cvtlab import CvtLabError
 from cvtlab.data.download import download
 
-from .conftest import run_cli
+from .conftest import run_cli_here
 
 PAYLOAD = os.urandom(300_000)
 MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -83,7 +83,7 @@ def test_checksum_mismatch_removes_the_file(server, tmp_path):
 
 
 def test_offline_error_says_how_to_use_a_local_zip(tmp_path):
-    r = run_cli(
+    r = run_cli_here(
         "data",
         "download",
         "--url",
@@ -96,6 +96,7 @@ def test_offline_error_says_how_to_use_a_local_zip(tmp_path):
     assert "\n" not in line and "cannot be reached" in line and "--data PATH" in line
 
 
-def test_missing_default_dataset_offers_the_download(tmp_path):
-    r = run_cli("data", "info", "tiny-imagenet", env={"CVTLAB_CACHE": str(tmp_path)})
+def test_missing_default_dataset_offers_the_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("CVTLAB_CACHE", str(tmp_path))
+    r = run_cli_here("data", "info", "tiny-imagenet")
     assert r.returncode == 2 and "cvtlab data download" in r.stderr

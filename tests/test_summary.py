@@ -7,7 +7,7 @@ import torch
 import cvtlab
 from cvtlab.summary import format_summary, summarize
 
-from .conftest import run_cli, run_cli_here
+from .conftest import run_cli_here
 
 
 def test_seed_summary_shows_the_notebooks_shape_chain():
@@ -51,7 +51,7 @@ def test_markdown_and_table_formats():
 
 
 def test_cli_summary_json_schema():
-    r = run_cli(
+    r = run_cli_here(
         "summary", "cvt_seed", "--img-size", "64", "--num-classes", "200", "--format", "json"
     )
     assert r.returncode == 0, r.stderr
@@ -90,7 +90,7 @@ def test_cli_summary_of_a_recipe_shows_the_model_it_trains(tmp_path):
 
 
 def test_cli_models_lists_every_model():
-    r = run_cli("models", "--format", "json")
+    r = run_cli_here("models", "--format", "json")
     assert r.returncode == 0, r.stderr
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert list(rows) == cvtlab.list_models()

@@ -176,7 +176,7 @@ def test_eval_reproduces_the_runs_test_top1(trained):
     out, _ = trained
     m = json.loads((out / "metrics.json").read_text())
     # The run folder stands for the checkpoint the run tested (here the best-validating one).
-    r = run_cli("eval", "--checkpoint", str(out), "--format", "json")
+    r = run_cli_here("eval", "--checkpoint", str(out), "--format", "json")
     assert r.returncode == 0, r.stderr[-2000:]
     e = json.loads(r.stdout)
     assert e["n"] == 100 and e["split"] == "test"
@@ -481,7 +481,7 @@ def test_eval_in_bf16_keeps_the_accuracy(trained, monkeypatch):
     # `auto` records its choice in the environment for DDP's later processes; undo it after.
     monkeypatch.setenv("CVTLAB_AUTO_PRECISION", "")
     ckpt = str(out / "checkpoints" / "best.ckpt")
-    r = run_cli("eval", "--checkpoint", ckpt, "--precision", "bf16", "--format", "json")
+    r = run_cli_here("eval", "--checkpoint", ckpt, "--precision", "bf16", "--format", "json")
     assert r.returncode == 0, r.stderr[-2000:]
     e = json.loads(r.stdout)
     m = json.loads((out / "metrics.json").read_text())
@@ -515,7 +515,7 @@ def test_flip_averaged_eval_is_mirror_invariant_and_keeps_the_accuracy(
         torch.testing.assert_close(view_averaged(model, x), plain.log_softmax(-1))
     m = json.loads((out / "metrics.json").read_text())
     for flags in (["--flip"], ["--flip", "--shift", "2"]):
-        r = run_cli("eval", "--checkpoint", ckpt, *flags, "--format", "json")
+        r = run_cli_here("eval", "--checkpoint", ckpt, *flags, "--format", "json")
         assert r.returncode == 0, r.stderr[-2000:]
         e = json.loads(r.stdout)
         assert e["flip"] is True and e["shift"] == (2 if "--shift" in flags else 0)
@@ -611,7 +611,7 @@ def test_predict_any_image_and_skip_a_broken_one(trained, shapes_small, tmp_path
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really")
     sample = shapes_small / "test" / "images" / "test_0.JPEG"
-    r = run_cli(
+    r = run_cli_here(
         "predict",
         "--checkpoint",
         str(out / "checkpoints" / "best.ckpt"),
@@ -829,9 +829,9 @@ def test_export_safetensors_and_onnx_match_pytorch(trained, tmp_path):
     ckpt = out / "checkpoints" / "best.ckpt"
     # The run folder stands for the checkpoint its test scored: best.ckpt under the default rule.
     # Without --format the suffix of --out names it.
-    r = run_cli("export", "--checkpoint", str(out), "--out", str(tmp_path / "m.safetensors"))
+    r = run_cli_here("export", "--checkpoint", str(out), "--out", str(tmp_path / "m.safetensors"))
     assert r.returncode == 0, r.stderr
-    r = run_cli(
+    r = run_cli_here(
         "export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")
     )
     assert r.returncode == 0, r.stderr
@@ -922,7 +922,7 @@ def test_ctrl_c_then_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
         *FAST,
     ]
     full = tmp_path / "full"
-    r = run_cli("train", *common, "--out", str(full))
+    r = run_cli_here("train", *common, "--out", str(full))
     assert r.returncode == 0, r.stderr[-3000:]
 
     cut = tmp_path / "cut"
@@ -963,7 +963,7 @@ def test_ctrl_c_then_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
     assert 15 <= step < 30 and step % 10 != 0, step  # mid second epoch (10 steps per epoch)
     assert _step_of(last) == step
 
-    r = run_cli("train", "--resume", "--out", str(cut))
+    r = run_cli_here("train", "--resume", "--out", str(cut))
     assert r.returncode == 0, r.stderr[-3000:]
     a = json.loads((full / "metrics.json").read_text())
     b = json.loads((cut / "metrics.json").read_text())
@@ -1043,7 +1043,7 @@ def test_ddp_on_two_cpu_processes(shapes_small, tmp_path):
         "csv",
     ]
     one = tmp_path / "one"
-    r = run_cli("train", *base, "--batch-size", "50", "--devices", "1", "--out", str(one))
+    r = run_cli_here("train", *base, "--batch-size", "50", "--devices", "1", "--out", str(one))
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
     r = run_cli(
@@ -1072,7 +1072,9 @@ def test_ddp_on_two_cpu_processes(shapes_small, tmp_path):
     m2 = json.loads((two / "metrics.json").read_text())
     assert m2["processes"] == 2 and m2["steps"] == m1["steps"] == 30
     # Synced metrics: the two processes' test top-1 is the whole test set's, as one process sees it.
-    r = run_cli("eval", "--checkpoint", str(two / "checkpoints" / "best.ckpt"), "--format", "json")
+    r = run_cli_here(
+        "eval", "--checkpoint", str(two / "checkpoints" / "best.ckpt"), "--format", "json"
+    )
     assert json.loads(r.stdout)["top1"] == m2["test_top1"]
     assert abs(m1["test_top1"] - m2["test_top1"]) <= 0.15
 
@@ -1340,7 +1342,7 @@ def test_a_schedule_phase_the_epochs_never_reach_is_named(capsys):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shapes_small, tmp_path):
     out = tmp_path / "nan"
-    r = run_cli(
+    r = run_cli_here(
         "train",
         "--config",
         recipe(tmp_path, ckpt_every_n_steps=1, grad_clip=None, warmup_epochs=0),
@@ -1391,25 +1393,26 @@ def test_real_zip_train_eval_predict_export(tiny_zip, tmp_path):
     best = str(out / "checkpoints" / "best.ckpt")
     # The held-out val split (10 a class), not the 10k test set again: the same reproduction
     # at a fifth of the cost. Synthetic runs check the test split's (test_eval_reproduces_...).
-    r = run_cli("eval", "--checkpoint", best, "--split", "val", "--format", "json")
+    r = run_cli_here("eval", "--checkpoint", best, "--split", "val", "--format", "json")
     e = json.loads(r.stdout)
     assert e["n"] == 2_000 and e["top1"] == m["val_top1"]
     # The unlabelled test images, read from the zip: 2,000 here, 10,000 in the official one.
-    r = run_cli(
+    r = run_cli_here(
         "predict", "--checkpoint", best, f"{tiny_zip}:tiny-imagenet-200/test", "--format", "json"
     )
     results = json.loads(r.stdout)
     assert len(results) >= 2_000 and all(len(x["predictions"]) == 5 for x in results)
     assert results[0]["image"] == f"{tiny_zip}:tiny-imagenet-200/test/images/test_0.JPEG"
-    r = run_cli(
+    r = run_cli_here(
         "export", "--checkpoint", best, "--format", "onnx", "--out", str(tmp_path / "m.onnx")
     )
     assert r.returncode == 0 and (tmp_path / "m.onnx").stat().st_size > 100_000
 
 
-def test_tensorboard_logger_needs_no_account(shapes_small, tmp_path):
+def test_tensorboard_logger_needs_no_account(shapes_small, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "tb"
-    r = run_cli(
+    r = run_cli_here(
         "train",
         "--config",
         recipe(tmp_path, limit_train_batches=2),
@@ -1422,7 +1425,6 @@ def test_tensorboard_logger_needs_no_account(shapes_small, tmp_path):
         *FAST[:-2],
         "--logger",
         "tensorboard",
-        env={"WANDB_MODE": "offline"},
     )
     assert r.returncode == 0, r.stderr[-2000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -1501,13 +1503,15 @@ def test_matmul_precision_is_applied_and_recorded(shapes_small, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_path):
+def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_path, monkeypatch):
     # The official ImageNet file cannot be downloaded here: a CvT-13 state dict saved with the
     # official key names stands in for it, so the recipe's loading path is the real one.
     official = tmp_path / "CvT-13-224x224-IN-1k.pth"
     torch.save(cvtlab.create_model("cvt_13").state_dict(), official)
+    # `auto` records its choice in the environment for DDP's later processes; undo it after.
+    monkeypatch.setenv("CVTLAB_AUTO_PRECISION", "")
     out = tmp_path / "ft"
-    r = run_cli(
+    r = run_cli_here(
         "train",
         "--config",
         "tiny_imagenet_finetune",
