@@ -13,6 +13,17 @@ TINY_ZIP = REPO.parent / "shared" / "data" / "tiny-imagenet-200.zip"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def torch_settings_restored():
+    """A test that changes torch's process-wide settings (a benchmark's ``main`` pins one thread)
+    does not change them for the tests after it: in-process runs are compared with runs in fresh
+    processes, bit for bit."""
+    threads, matmul = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(matmul)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Every test (and every process it starts) uses a fresh cache folder, never ~/.cache."""

@@ -928,8 +928,14 @@ def test_ctrl_c_then_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
     cut = tmp_path / "cut"
     last = cut / "checkpoints" / "last.ckpt"
 
-    # timm imports wandb, whose two temporary folders a killed process leaves behind: not in /tmp
-    killed_env = {**os.environ, "TMPDIR": str(tmp_path)}
+    # timm imports wandb, whose two temporary folders a killed process leaves behind: not in /tmp.
+    # The killed runs use this process's thread count, so that their sums are rounded as the
+    # runs here round them.
+    killed_env = {
+        **os.environ,
+        "TMPDIR": str(tmp_path),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
 
     def start_and_wait_for_step(args: list[str], least: int, log) -> tuple[subprocess.Popen, int]:
         cmd = [sys.executable, "-m", "cvtlab.cli", "train", *args, "--out", str(cut)]
