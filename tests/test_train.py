@@ -64,10 +64,11 @@ def recipe(tmp_path, **extra):
 
 @pytest.fixture(scope="module")
 def trained(shapes_small, tmp_path_factory):
-    """One short real run shared by the eval/predict/export tests."""
+    """One short real run shared by the eval/predict/export tests (in this process, so that
+    their exact comparisons with it never depend on two processes' thread counts)."""
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "run"
-    r = run_cli(
+    r = run_cli_here(
         "train",
         "--config",
         recipe(tmp),
@@ -106,7 +107,8 @@ def test_run_folder_layout_and_metrics(trained):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"] == "cvt_seed" and saved["epochs"] == 3 and saved["lr"] == 8.0e-3
     assert "test top-1" in r.stdout and "top-5" in r.stdout and m["num_classes"] == 10
-    # Written to a pipe, progress is one readable line per epoch, not a redrawn bar.
+    # Written to anything but a terminal, progress is one readable line per epoch, not a redrawn
+    # bar (a pipe: test_ddp_on_two_cpu_processes).
     lines = [line for line in r.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split("  ")[0] for line in lines] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
     for line, row in zip(lines, csv.DictReader(rows)):
@@ -1374,7 +1376,7 @@ def test_real_zip_train_eval_predict_export(tiny_zip, tmp_path):
     (the official val images)."""
     out = tmp_path / "real"
     cfg = recipe(tmp_path, limit_train_batches=30, ckpt_every_n_steps=0, train_sizes=[[0, 32]])
-    r = run_cli(
+    r = run_cli_here(
         "train",
         "--config",
         cfg,
