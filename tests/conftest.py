@@ -14,14 +14,20 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
-def torch_settings_restored():
-    """A test that changes torch's process-wide settings (a benchmark's ``main`` pins one thread)
-    does not change them for the tests after it: in-process runs are compared with runs in fresh
-    processes, bit for bit."""
+def process_settings_restored():
+    """A test that changes process-wide settings does not change them for the tests after it:
+    torch's (a benchmark's ``main`` pins one thread), as in-process runs are compared with runs in
+    fresh processes bit for bit, and the choice a run with ``precision: auto`` leaves in the
+    environment for DDP's later processes, which every process started later would inherit."""
     threads, matmul = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    auto = os.environ.get("CVTLAB_AUTO_PRECISION")
     yield
     torch.set_num_threads(threads)
     torch.set_float32_matmul_precision(matmul)
+    if auto is None:
+        os.environ.pop("CVTLAB_AUTO_PRECISION", None)
+    else:
+        os.environ["CVTLAB_AUTO_PRECISION"] = auto
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -478,10 +478,8 @@ def test_compiled_inference_matches_eager_at_any_batch_and_freezes_the_weights(t
     assert abs(fast["top1"] - plain["top1"]) <= 1 / plain["n"]
 
 
-def test_eval_in_bf16_keeps_the_accuracy(trained, monkeypatch):
+def test_eval_in_bf16_keeps_the_accuracy(trained):
     out, _ = trained
-    # `auto` records its choice in the environment for DDP's later processes; undo it after.
-    monkeypatch.setenv("CVTLAB_AUTO_PRECISION", "")
     ckpt = str(out / "checkpoints" / "best.ckpt")
     r = run_cli_here("eval", "--checkpoint", ckpt, "--precision", "bf16", "--format", "json")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -1511,13 +1509,11 @@ def test_matmul_precision_is_applied_and_recorded(shapes_small, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_path, monkeypatch):
+def test_finetune_recipe_starts_from_official_format_weights(shapes_small, tmp_path):
     # The official ImageNet file cannot be downloaded here: a CvT-13 state dict saved with the
     # official key names stands in for it, so the recipe's loading path is the real one.
     official = tmp_path / "CvT-13-224x224-IN-1k.pth"
     torch.save(cvtlab.create_model("cvt_13").state_dict(), official)
-    # `auto` records its choice in the environment for DDP's later processes; undo it after.
-    monkeypatch.setenv("CVTLAB_AUTO_PRECISION", "")
     out = tmp_path / "ft"
     r = run_cli_here(
         "train",
