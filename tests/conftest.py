@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -17,17 +18,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def process_settings_restored():
     """A test that changes process-wide settings does not change them for the tests after it:
     torch's (a benchmark's ``main`` pins one thread), as in-process runs are compared with runs in
-    fresh processes bit for bit, and the choice a run with ``precision: auto`` leaves in the
-    environment for DDP's later processes, which every process started later would inherit."""
+    fresh processes bit for bit, and the environment (the choice a run with ``precision: auto``
+    leaves there for DDP's later processes, which every process started later would inherit)."""
     threads, matmul = torch.get_num_threads(), torch.get_float32_matmul_precision()
-    auto = os.environ.get("CVTLAB_AUTO_PRECISION")
-    yield
+    with mock.patch.dict(os.environ):
+        yield
     torch.set_num_threads(threads)
     torch.set_float32_matmul_precision(matmul)
-    if auto is None:
-        os.environ.pop("CVTLAB_AUTO_PRECISION", None)
-    else:
-        os.environ["CVTLAB_AUTO_PRECISION"] = auto
 
 
 @pytest.fixture(scope="session", autouse=True)
