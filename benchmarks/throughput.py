@@ -11,7 +11,8 @@ implementations, repeated), and the median is reported. A training step is forwa
 and an AdamW step; inference is a forward pass under ``inference_mode`` (cvtlab-bf16: bf16
 weights on bf16 inputs, training under bf16 autocast; cvtlab-bf16-compiled: that bf16 model
 compiled for inference, ``cvtlab.inference.CompiledForInference``, timed in inference only,
-on a CPU by default). GFLOP/s count 2 FLOPs
+on a CPU by default; cvtlab-compiled: the fp32 model compiled the same way, run by default in
+its place on a CPU without bf16 instructions, where fp32 is the fastest dtype). GFLOP/s count 2 FLOPs
 per multiply-accumulate (cvtlab's layer table, attention included; a training step ≈ 3×
 forward) and are shown as a share of the matrix-multiply rate measured in the same run.
 """
@@ -62,13 +63,30 @@ CASES = [
 
 
 # Settings timed in inference only (their training step is another implementation's).
-INFERENCE_ONLY = {"cvtlab-bf16-compiled"}
+INFERENCE_ONLY = {"cvtlab-compiled", "cvtlab-bf16-compiled"}
+KNOWN_IMPLS = (
+    "cvtlab",
+    "cvtlab-compiled",
+    "cvtlab-bf16",
+    "cvtlab-bf16-compiled",
+    "transformers",
+    "vit-pytorch",
+)
 DEFAULT_IMPLS = {
     "cpu": "cvtlab,cvtlab-bf16,cvtlab-bf16-compiled,transformers,vit-pytorch",
     # Not on a GPU by default: its compile time there is unmeasured, and the GPU script gives
     # the whole throughput step 240 s.
     "cuda": "cvtlab,cvtlab-bf16,transformers,vit-pytorch",
 }
+
+
+def default_impls(device: str, bf16_emulated: bool) -> list[str]:
+    """The implementations timed without ``--impls``. On a CPU without bf16 instructions fp32 is
+    the fastest dtype, so the best inference setting there is the fp32 model compiled."""
+    impls = DEFAULT_IMPLS[device].split(",")
+    if device == "cpu" and bf16_emulated:
+        impls.insert(impls.index("cvtlab") + 1, "cvtlab-compiled")
+    return impls
 
 
 def matmul_rate(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -164,11 +182,18 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
         except (NotImplementedError, ModuleNotFoundError) as e:
             notes[impl] = f"not measured: {e}"
             continue
-        # The compiled model is an inference setting: its training step is cvtlab-bf16's.
+        # A compiled model is an inference setting: its training step is the eager model's.
         compiled = impl in INFERENCE_ONLY
         train_step = None if compiled else make_train_step(fn, module, x, y, amp)
 
-        if amp is None:
+        if compiled and amp is None:
+            fp32_model = CompiledForInference(copy.deepcopy(module).eval(), case.batch)
+
+            def infer(fp32_model=fp32_model):
+                with torch.inference_mode():
+                    fp32_model(x)
+
+        elif amp is None:
 
             def infer(fn=fn, module=module):
                 module.eval()
@@ -269,7 +294,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--impls",
         help="default: cvtlab,cvtlab-bf16,transformers,vit-pytorch, and on a CPU also "
-        "cvtlab-bf16-compiled (inference only; compiling takes about a minute per model)",
+        "cvtlab-bf16-compiled (inference only; compiling takes about a minute per model), "
+        "or cvtlab-compiled where the CPU has no bf16 instructions",
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -298,7 +324,9 @@ def main(argv=None) -> dict:
             Case(c.key, c.model, c.img_size, max(1, int(c.batch * args.batch_scale)), c.overrides)
             for c in cases
         ]
-    impls = (args.impls or DEFAULT_IMPLS[args.device]).split(",")
+    for impl in args.impls.split(",") if args.impls else []:
+        if impl not in KNOWN_IMPLS:
+            p.error(f"--impls: unknown implementation {impl!r} (known: {', '.join(KNOWN_IMPLS)})")
     dev = args.device
     n = 512 if args.quick else 2048
     rates = {"fp32": matmul_rate(dev, torch.float32, n)}
@@ -306,6 +334,7 @@ def main(argv=None) -> dict:
     # 20 s and a bf16 training step minutes, so a small probe settles it and bf16 is not run.
     rates["bf16"] = matmul_rate(dev, torch.bfloat16, 256, reps=3)
     emulated = bf16_is_emulated(rates["fp32"], rates["bf16"])
+    impls = args.impls.split(",") if args.impls else default_impls(dev, emulated)
     skipped = {}
     for impl in [i for i in impls if i.startswith("cvtlab-bf16") and emulated]:
         impls.remove(impl)

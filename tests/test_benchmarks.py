@@ -48,11 +48,13 @@ def test_throughput_benchmark_times_the_compiled_model_in_inference_only():
 
     from cvtlab.train.precision import bf16_is_emulated
 
-    payload = throughput.main(
-        ["--quick", "--cases", "cvt_seed@64", "--impls", "cvtlab-bf16,cvtlab-bf16-compiled"]
-        + ["--no-write"]
-    )
+    impls = "cvtlab,cvtlab-compiled,cvtlab-bf16,cvtlab-bf16-compiled"
+    payload = throughput.main(["--quick", "--cases", "cvt_seed@64", "--impls", impls, "--no-write"])
     case = payload["cases"]["cvt_seed@64"]["impls"]
+    # fp32 compiles on every CPU: the best inference setting where there is no bf16.
+    compiled = case["cvtlab-compiled"]
+    assert compiled["infer_images_per_s"] > 0 and "train_images_per_s" not in compiled
+    assert case["cvtlab"]["train_images_per_s"] > 0
     compiled = case["cvtlab-bf16-compiled"]
     rates = payload["matmul_gflops"]
     if bf16_is_emulated(rates["fp32"], rates["bf16"]):
@@ -60,6 +62,25 @@ def test_throughput_benchmark_times_the_compiled_model_in_inference_only():
         return
     assert compiled["infer_images_per_s"] > 0 and "train_images_per_s" not in compiled
     assert case["cvtlab-bf16"]["train_images_per_s"] > 0
+
+
+def test_throughput_benchmark_compiles_fp32_by_default_only_without_bf16():
+    import throughput
+
+    with_bf16 = throughput.default_impls("cpu", bf16_emulated=False)
+    without = throughput.default_impls("cpu", bf16_emulated=True)
+    assert "cvtlab-bf16-compiled" in with_bf16 and "cvtlab-compiled" not in with_bf16
+    assert without == ["cvtlab", "cvtlab-compiled"] + with_bf16[1:]
+    assert "cvtlab-compiled" not in throughput.default_impls("cuda", bf16_emulated=True)
+
+
+def test_throughput_benchmark_names_an_unknown_implementation(capsys):
+    import throughput
+
+    with pytest.raises(SystemExit):
+        throughput.main(["--quick", "--impls", "cvtlab,cvtlab-fp16", "--no-write"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--impls" in err and "'cvtlab-fp16'" in err and "cvtlab-compiled" in err
 
 
 def test_throughput_benchmark_compares_the_same_network():
