@@ -14,6 +14,7 @@ from cvtlab.train.precision import choose_cpu_precision, product_rates, resolve_
         (2.2, "bf16-mixed"),  # an AMD Zen 4: AVX-512 bf16 dot products
         (0.55, "32"),  # a Xeon whose AMX the hypervisor hides
         (0.01, "32"),  # an AMD Zen 3: no bf16 instructions
+        (0.12, "32"),  # another AMD Zen 3 host, whose emulation runs faster
         (1.0, "32"),  # no faster products: autocast's casts would only cost
     ],
 )
@@ -47,7 +48,9 @@ def test_ddp_processes_take_the_first_process_choice(monkeypatch):
     assert "x the fp32 rate on this CPU" in resolve_precision("auto", "cpu")[1]
 
 
-@pytest.mark.parametrize("bf16_over_fp32, sizes", [(0.01, [256]), (0.55, [256, 1024])])
+@pytest.mark.parametrize(
+    "bf16_over_fp32, sizes", [(0.01, [256]), (0.12, [256]), (0.55, [256, 1024])]
+)
 def test_emulated_bf16_is_settled_by_the_small_probe(monkeypatch, bf16_over_fp32, sizes):
     # Without bf16 instructions a 1,024-square bf16 product takes seconds (Zen 3: 0.8 GFLOP/s),
     # so the full measurement would add half a minute to every run's start; the probe decides.
