@@ -12,8 +12,8 @@ and an AdamW step; inference is a forward pass under ``inference_mode`` (cvtlab-
 weights on bf16 inputs, training under bf16 autocast; cvtlab-bf16-compiled: that bf16 model
 compiled for inference, ``cvtlab.inference.CompiledForInference``, timed in inference only,
 on a CPU by default; cvtlab-compiled: the fp32 model compiled the same way, run by default in
-its place on a CPU without bf16 instructions, where fp32 is the fastest dtype). GFLOP/s count 2 FLOPs
-per multiply-accumulate (cvtlab's layer table, attention included; a training step ≈ 3×
+its place on a CPU without bf16 instructions, where fp32 is the fastest dtype). GFLOP/s count 2
+FLOPs per multiply-accumulate (cvtlab's layer table, attention included; a training step ≈ 3×
 forward) and are shown as a share of the matrix-multiply rate measured in the same run.
 """
 
@@ -186,14 +186,7 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
         compiled = impl in INFERENCE_ONLY
         train_step = None if compiled else make_train_step(fn, module, x, y, amp)
 
-        if compiled and amp is None:
-            fp32_model = CompiledForInference(copy.deepcopy(module).eval(), case.batch)
-
-            def infer(fp32_model=fp32_model):
-                with torch.inference_mode():
-                    fp32_model(x)
-
-        elif amp is None:
+        if amp is None and not compiled:
 
             def infer(fn=fn, module=module):
                 module.eval()
@@ -201,14 +194,16 @@ def run_case(case: Case, impls: list[str], device: str, repeats: int, warmup: in
                     fn(x)
         else:
             # cvtlab's bf16 inference runs bf16 weights on bf16 inputs (as `cvtlab eval
-            # --precision bf16` does): autocast would cast every weight on every call.
-            bf16_model, xb = copy.deepcopy(module).to(amp).eval(), x.to(amp)
+            # --precision bf16` does): autocast would cast every weight on every call. A compiled
+            # model freezes its own copy of the weights.
+            model = copy.deepcopy(module).eval()
+            model, xm = (model.to(amp), x.to(amp)) if amp else (model, x)
             if compiled:
-                bf16_model = CompiledForInference(bf16_model, case.batch)
+                model = CompiledForInference(model, case.batch)
 
-            def infer(bf16_model=bf16_model, xb=xb):
+            def infer(model=model, xm=xm):
                 with torch.inference_mode():
-                    bf16_model(xb)
+                    model(xm)
 
         for _ in range(warmup):
             if train_step:
@@ -307,7 +302,9 @@ def main(argv=None) -> dict:
         "--memory-only", action="store_true", help="only peak memory (writes throughput-memory-…)"
     )
     p.add_argument(
-        "--quick", action="store_true", help="smoke test: batch 4, one repeat, seed and xs only"
+        "--quick",
+        action="store_true",
+        help="smoke test: batch 4, one repeat, cvt_seed and CvT-13 at 64 px only",
     )
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -324,7 +321,8 @@ def main(argv=None) -> dict:
             Case(c.key, c.model, c.img_size, max(1, int(c.batch * args.batch_scale)), c.overrides)
             for c in cases
         ]
-    for impl in args.impls.split(",") if args.impls else []:
+    asked = args.impls.split(",") if args.impls else None
+    for impl in asked or []:
         if impl not in KNOWN_IMPLS:
             p.error(f"--impls: unknown implementation {impl!r} (known: {', '.join(KNOWN_IMPLS)})")
     dev = args.device
@@ -334,7 +332,7 @@ def main(argv=None) -> dict:
     # 20 s and a bf16 training step minutes, so a small probe settles it and bf16 is not run.
     rates["bf16"] = matmul_rate(dev, torch.bfloat16, 256, reps=3)
     emulated = bf16_is_emulated(rates["fp32"], rates["bf16"])
-    impls = args.impls.split(",") if args.impls else default_impls(dev, emulated)
+    impls = asked or default_impls(dev, emulated)
     skipped = {}
     for impl in [i for i in impls if i.startswith("cvtlab-bf16") and emulated]:
         impls.remove(impl)
