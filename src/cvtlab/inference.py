@@ -46,10 +46,11 @@ class Predictor:
 class CompiledForInference(nn.Module):
     """``model`` compiled by Inductor for inference: its weights frozen into the compiled code
     (BatchNorm folded into the convolutions, the linear layers' weights packed once, for oneDNN in
-    bf16 and for MKL in fp32, their biases added inside the products), elementwise work fused. On a 2-core AMD Zen 4 in
-    bf16: 1.10-1.20x the eager model's images/s across the benchmark's models, 1.14x for CvT-13
-    at 64 px (benchmarks/RESULTS.md, throughput attempt 42), after 30-60 s of compiling. In fp32
-    (on a 2-core AMD Zen 3, which has no bf16 instructions) 1.00-1.07x (attempt 44).
+    bf16 and for MKL in fp32, their biases added inside the products), elementwise work fused. On a
+    2-core AMD Zen 4 in bf16: 1.10-1.20x the eager model's images/s across the benchmark's models,
+    1.14x for CvT-13 at 64 px (benchmarks/RESULTS.md, throughput attempt 42), after 30-60 s of
+    compiling. In fp32 (on a 2-core AMD Zen 3, which has no bf16 instructions) 1.00-1.07x (attempt
+    44).
 
     Every call runs at ``batch_size`` images, smaller batches padded and larger ones split, so
     that a run compiles once: a new input shape would compile again. The weights are folded and
