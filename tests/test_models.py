@@ -6,6 +6,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import cvtlab
 from cvtlab import CvtLabError
@@ -167,6 +168,48 @@ def test_depthwise_projections_train_in_fp32_under_cpu_autocast(monkeypatch):
     assert projection_dtype(grad=False) == torch.bfloat16
     monkeypatch.setattr(layers, "FP32_DEPTHWISE_ON_CPU", False)
     assert projection_dtype(grad=True) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, size", [(3, 1, 2), (3, 2, 2), (3, 1, 1), (5, 1, 4), (3, 1, 3)]
+)
+def test_depthwise_projection_on_a_map_smaller_than_its_kernel_computes_the_plain_convolution(
+    kernel, stride, size
+):
+    """On a token map smaller than its kernel (the last stage at 32 px) the projection pads the
+    map itself while a gradient is taken, for speed: outputs and gradients must be those of the
+    zero-padded convolution and BatchNorm, in training and in eval (folded BatchNorm)."""
+    torch.manual_seed(0)
+    proj = layers.ConvProjection(16, kernel, stride)
+    with torch.no_grad():
+        proj.bn.weight.uniform_(0.5, 1.5)
+        proj.bn.bias.uniform_(-0.5, 0.5)
+        proj.bn.running_mean.uniform_(-0.2, 0.2)
+        proj.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(6, 16, size, size).contiguous(memory_format=torch.channels_last)
+    for training in (True, False):
+        proj.train(training)
+        ours = x.clone().requires_grad_()
+        plain = x.clone().requires_grad_()
+        out = proj(ours)
+        bn_state = {k: v.clone() for k, v in proj.bn.state_dict().items()}
+        conv = proj.conv
+        reference = F.batch_norm(
+            F.conv2d(plain, conv.weight, None, conv.stride, conv.padding, groups=conv.groups),
+            bn_state["running_mean"],
+            bn_state["running_var"],
+            proj.bn.weight,
+            proj.bn.bias,
+            training=training,
+        )
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(out)
+        ours_grads = torch.autograd.grad(out, (ours, conv.weight, proj.bn.weight), grad)
+        plain_grads = torch.autograd.grad(reference, (plain, conv.weight, proj.bn.weight), grad)
+        for a, b in zip(ours_grads, plain_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # inference: the unpadded forward, the same values
+        torch.testing.assert_close(proj(x), reference.detach(), rtol=1e-5, atol=1e-5)
 
 
 def _unshare(state: dict[str, torch.Tensor], dim: int) -> dict[str, torch.Tensor]:

@@ -70,16 +70,35 @@ class ConvProjection(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self.conv._forward_hooks or self.bn._forward_hooks:
+        if self.conv._forward_hooks or self.bn._forward_hooks:
+            # Hooks (e.g. `cvtlab summary`'s) must see each of the two layers run.
             return self.bn(self.conv(x))
+        if self.training:
+            return self.bn(self._depthwise(x, self.conv.weight, self.conv.bias))
         # In eval mode BatchNorm is a fixed per-channel affine map, so it folds into the conv's
-        # weights and bias: one pass over the token map instead of two. (Not when hooks watch
-        # the two layers, e.g. `cvtlab summary`: they must see each one run.)
+        # weights and bias: one pass over the token map instead of two.
         bn = self.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = self.conv.weight * scale.view(-1, 1, 1, 1)
         bias = bn.bias - bn.running_mean * scale
+        return self._depthwise(x, weight, bias)
+
+    def _depthwise(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         conv = self.conv
+        (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+        if (
+            x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and (x.size(-2) < kh or x.size(-1) < kw)
+        ):
+            # On a map smaller than the kernel (the last stage's 2x2 grid at 32 px) PyTorch's CPU
+            # convolution takes a path whose backward is 5-8x slower than padding the map first
+            # and convolving without padding, which computes the same sums (benchmarks/RESULTS.md,
+            # throughput attempt 45). Without a gradient the unpadded forward is the faster one.
+            x = F.pad(x, (pw, pw, ph, ph))
+            return F.conv2d(x, weight, bias, conv.stride, 0, groups=conv.groups)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
 
 
