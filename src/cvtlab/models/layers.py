@@ -94,9 +94,11 @@ class ConvProjection(nn.Module):
             and (x.size(-2) < kh or x.size(-1) < kw)
         ):
             # On a map smaller than the kernel (the last stage's 2x2 grid at 32 px) PyTorch's CPU
-            # convolution takes a path whose backward is 5-8x slower than padding the map first
-            # and convolving without padding, which computes the same sums (benchmarks/RESULTS.md,
-            # throughput attempt 45). Without a gradient the unpadded forward is the faster one.
+            # convolution takes a slow path: padding the map first and convolving without padding
+            # computes the same sums with forward and backward about 5x faster for a 3x3 kernel
+            # on a 2x2 map (1.6-1.9x for a 1x1 map or a 5x5 or 7x7 kernel on a 4x4 one;
+            # benchmarks/RESULTS.md, throughput attempt 45). Without a gradient the unpadded
+            # forward is the faster one.
             x = F.pad(x, (pw, pw, ph, ph))
             return F.conv2d(x, weight, bias, conv.stride, 0, groups=conv.groups)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
