@@ -1911,6 +1911,64 @@ def test_a_non_finite_loss_flag_blocks_any_checkpoint_save():
         module.on_save_checkpoint({})
 
 
+def test_a_run_shorter_than_regularise_min_steps_trains_without_erasing_or_smoothing():
+    """regularise_min_steps: a run of fewer optimiser steps drops random erasing and label
+    smoothing (on the steps its epochs plan here; under a time budget on its projected pace, in
+    the budget test below), and a resumed run keeps what its checkpoint settled."""
+    from cvtlab.data.augment import normalize
+    from cvtlab.train.module import CvTClassifier, planned_steps
+
+    # 4 epochs of 6,400 images in batches of 256, then 16 in batches of 96 (67 steps each).
+    assert planned_steps(20 * 50, 50, 128, [[0, 256], [4, 96]]) == 4 * 25 + 16 * 67
+    assert planned_steps(20 * 50, 50, 128, None) == 1000
+    augment = {
+        "crop": "none",
+        "flip": False,
+        "auto_augment": None,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "random_erase": 1.0,
+        "label_smoothing": 0.1,
+    }
+
+    def module(min_steps):
+        return CvTClassifier(
+            "cvt_seed",
+            {"num_classes": 3},
+            ["a", "b", "c"],
+            label_smoothing=0.1,
+            augment=augment,
+            total_steps=1000,
+            steps_per_epoch=50,
+            batch_size=128,
+            train_batch_sizes=[[0, 256], [4, 96]],
+            regularise_min_steps=min_steps,
+        )
+
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0])
+    kept, dropped = module(1172), module(1173)
+    for m in (kept, dropped):
+        m._settle_regularisation()
+    assert kept.regularisation == {"projected_steps": 1172, "off_from_step": None}
+    x, targets = kept.augment(images, labels)
+    assert targets.shape == (4, 3) and not torch.equal(x, normalize(images.clone()))
+    assert dropped.regularisation == {"projected_steps": 1172, "off_from_step": 0}
+    x, targets = dropped.augment(images, labels)
+    assert torch.equal(targets, labels) and torch.equal(x, normalize(images.clone()))
+    assert dropped.label_smoothing == 0.0 and kept.label_smoothing == 0.1
+    checkpoint = {}
+    dropped.on_save_checkpoint(checkpoint)
+    resumed = module(None)  # the checkpoint's decision stands, whatever the resumed run says
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.regularisation == dropped.regularisation
+    assert resumed.augment.cfg.random_erase == 0.0 and resumed.label_smoothing == 0.0
+    with pytest.raises(cvtlab.CvtLabError, match="regularise_min_steps must be a whole number"):
+        from cvtlab.train.config import TrainConfig
+
+        TrainConfig(regularise_min_steps=0)
+
+
 def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shapes_small, tmp_path):
     """budget_schedule: with far more epochs than the budget holds, the resize and the cosine
     follow the clock, so the run switches to full size half-way through the budget and ends
@@ -1920,12 +1978,14 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
     from cvtlab.train.config import make_config
     from cvtlab.train.run import train
 
-    seen, norms = [], []
+    seen, norms, erasing = [], [], []
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             seen.append((time.perf_counter(), batch[0].shape[-1], lr))
+            # (the batch was augmented before this hook: as the module stood then)
+            erasing.append((trainer.global_step, module.augment.cfg.random_erase))
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             # The gradients the optimiser stepped with (cleared only before the next backward).
@@ -1933,8 +1993,18 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
             norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
     budget_min = 0.2
+    # A run far shorter than regularise_min_steps drops erasing and smoothing once 5% of its
+    # budget projects its length.
+    augment = {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "random_erase": 0.25}
     cfg = make_config(
-        recipe(tmp_path, ckpt_every_n_steps=0, warmup_epochs=1),
+        recipe(
+            tmp_path,
+            ckpt_every_n_steps=0,
+            warmup_epochs=1,
+            augment=augment,
+            label_smoothing=0.1,
+            regularise_min_steps=10**9,
+        ),
         data=str(shapes_small),
         out=str(tmp_path / "run"),
         model="cvt_seed",
@@ -1963,12 +2033,17 @@ def test_budget_schedule_ends_the_lr_and_size_schedule_with_the_time_budget(shap
     # The fused AdamW still clips the gradients (under bf16 autocast where auto chose it).
     assert norms and max(norms) <= 0.01 * 1.001
     assert np.isfinite(metrics["test_loss"])
+    off = metrics["regularisation"]["off_from_step"]
+    assert [e for step, e in erasing] == [0.25] * off + [0.0] * (len(erasing) - off)
+    assert [step for step, _ in erasing][off] == off
+    # The projection, from the pace of the first seconds, is of the run's order of steps.
+    assert 0.3 < metrics["regularisation"]["projected_steps"] / metrics["steps"] < 3
     # test_checkpoint: last scores the weights at the end of the budget, the annealed ones.
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert metrics["test_checkpoint"] == str(last)
-    assert (
-        torch.load(last, map_location="cpu", weights_only=True)["global_step"] == metrics["steps"]
-    )
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == metrics["steps"]
+    assert saved["regularisation"] == metrics["regularisation"]
     from cvtlab.evaluation import evaluate
 
     # (the run tested under bf16 autocast, evaluate in fp32: a prediction may flip)

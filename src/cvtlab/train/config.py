@@ -47,6 +47,11 @@ class TrainConfig:
     lr_decay: str = "cosine"  # after warmup, down to min_lr_ratio: "cosine" or "linear"
     grad_clip: float | None = 5.0
     label_smoothing: float = 0.1
+    # Random erasing and label smoothing pay only in a run long enough to fit its training
+    # images well ahead of validation: a run of fewer optimiser steps than this drops both (the
+    # count projected from the pace over the first 5% of a budget_schedule's clock, otherwise
+    # the epochs' steps). None: always as set.
+    regularise_min_steps: int | None = None
     ema_decay: float = 0.0  # 0 turns the weight EMA off
     # The EMA's decay at step s is min(ema_decay, 1 - (1 + s/gamma)^-power): with power 1 the
     # plain mean of the steps so far until the cap (0.999 after 1,000 steps); timm's 2/3 reaches
@@ -197,6 +202,15 @@ class TrainConfig:
             raise CvtLabError(f"--num-nodes must be at least 1, got {self.num_nodes}")
         if self.num_workers < 0:
             raise CvtLabError(f"num_workers must be 0 or more, got {self.num_workers}")
+        if self.regularise_min_steps is not None and (
+            isinstance(self.regularise_min_steps, bool)
+            or not isinstance(self.regularise_min_steps, int)
+            or self.regularise_min_steps < 1
+        ):
+            raise CvtLabError(
+                "regularise_min_steps must be a whole number of steps (1 or more) or null, "
+                f"not {self.regularise_min_steps!r}"
+            )
         if self.ckpt_every_n_steps < 0:
             raise CvtLabError(
                 f"ckpt_every_n_steps must be 0 (off) or more, got {self.ckpt_every_n_steps}"

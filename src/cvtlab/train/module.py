@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -122,6 +123,7 @@ class CvTClassifier(L.LightningModule):
         min_lr_ratio: float = 0.01,
         lr_decay: str = "cosine",
         label_smoothing: float = 0.1,
+        regularise_min_steps: int | None = None,
         ema_decay: float = 0.0,
         ema_warmup_power: float = 2 / 3,
         ema_warmup_gamma: float = 1.0,
@@ -142,6 +144,10 @@ class CvTClassifier(L.LightningModule):
         self.model.class_names = list(class_names)
         self.num_classes = len(class_names)
         self.augment = BatchAugment(AugmentConfig(**(augment or {})), self.num_classes)
+        self.label_smoothing = label_smoothing  # for hard targets; 0 once a short run drops it
+        # Set once the run's length is known (regularise_min_steps): the projected optimiser
+        # steps and the step from which erasing and smoothing are off (None: kept).
+        self.regularisation: dict | None = None
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         # With the warm-up the decay at step s is min(ema_decay, 1 - (1 + s/gamma)^-power), so
@@ -197,6 +203,7 @@ class CvTClassifier(L.LightningModule):
         # model's size first, so augmentation sees what it would in an upscaled cache.
         images = resize_images(images, self.model.img_size)
         if self.trainer is not None and self.trainer.training:
+            self._settle_regularisation()
             x, targets = self.augment(images, labels)
             current = train_size_at(self.hparams.train_sizes, epoch := self.schedule_epoch())
             if current is not None and current[0] != x.shape[-1]:
@@ -228,9 +235,7 @@ class CvTClassifier(L.LightningModule):
         if targets.ndim == 2:
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
-            loss = F.cross_entropy(
-                logits.float(), targets, label_smoothing=self.hparams.label_smoothing
-            )
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         # Reading the flag waits for the device, so on accelerators it is read every 25 steps
         # (and before any checkpoint is written) rather than after each step.
         bad = ~torch.isfinite(loss.detach())
@@ -303,6 +308,44 @@ class CvTClassifier(L.LightningModule):
         if not self.hparams.budget_seconds or not per_epoch:
             return self.current_epoch
         return self.schedule_step(self.trained_steps()) / per_epoch
+
+    # -- regularisation by the run's length ----------------------------------------------
+    PROJECT_AT = 0.05  # the share of a time budget whose pace projects the run's steps
+
+    def _settle_regularisation(self) -> None:
+        hp = self.hparams
+        if self.regularisation is not None or not hp.get("regularise_min_steps"):
+            return
+        if hp.budget_seconds:
+            spent = self._budget_spent(hp.budget_seconds)
+            if spent < self.PROJECT_AT:
+                return
+            # Steps rather than images: the later, larger images cost more a step but come in
+            # smaller batches (the recipes' train_batch_sizes), so the pace in steps holds best.
+            projected = round(self.global_step / spent)
+        else:
+            projected = planned_steps(
+                hp.total_steps, hp.steps_per_epoch, hp.batch_size, hp.train_batch_sizes
+            )
+        short = projected < hp.regularise_min_steps
+        self.regularisation = {
+            "projected_steps": projected,
+            "off_from_step": self.global_step if short else None,
+        }
+        if short:
+            self._drop_regularisers()
+            if self.global_rank == 0:
+                print(
+                    f"about {projected:,} steps in this run, fewer than regularise_min_steps "
+                    f"({hp.regularise_min_steps:,}): random erasing and label smoothing off from "
+                    f"step {self.global_step:,}",
+                    flush=True,
+                )
+
+    def _drop_regularisers(self) -> None:
+        cfg = dataclasses.replace(self.augment.cfg, random_erase=0.0, label_smoothing=0.0)
+        self.augment = BatchAugment(cfg, self.num_classes)
+        self.label_smoothing = 0.0
 
     def _raise_if_nonfinite(self) -> None:
         if self._nonfinite is not None and bool(self._nonfinite):
@@ -488,6 +531,8 @@ class CvTClassifier(L.LightningModule):
             "python": random.getstate(),
         }
         checkpoint["epoch_means"] = self._epoch_means()
+        if self.regularisation is not None:
+            checkpoint["regularisation"] = dict(self.regularisation)
         checkpoint["images_trained"] = {
             "run": self.images_trained,
             "epoch": self._epoch_count[0],
@@ -508,12 +553,29 @@ class CvTClassifier(L.LightningModule):
         self.images_trained = int(counted["run"])
         self._epoch_count = (int(counted["epoch"]), int(counted["in_epoch"]))
         self._resumed_means = checkpoint.get("epoch_means")
+        settled = checkpoint.get("regularisation")
+        if settled is not None and self.regularisation is None:
+            self.regularisation = dict(settled)
+            if settled["off_from_step"] is not None:
+                self._drop_regularisers()
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])
             kind, keys, pos, has_gauss, gauss = states["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(states["python"])
+
+
+def planned_steps(
+    total_steps: int, steps_per_epoch: int | None, batch_size: int | None, schedule: list | None
+) -> int:
+    """The optimiser steps of a run's epochs: ``total_steps`` counts steps of ``batch_size``
+    images, and a ``train_batch_sizes`` schedule trains some epochs in other batches."""
+    if not schedule or not steps_per_epoch or not batch_size:
+        return total_steps
+    epochs = round(total_steps / steps_per_epoch)
+    images = steps_per_epoch * batch_size
+    return sum(math.ceil(images / batch_size_at(schedule, e, batch_size)) for e in range(epochs))
 
 
 def load_module(path: str) -> CvTClassifier:

@@ -498,6 +498,7 @@ def _train(cfg: TrainConfig, out: Path, first: bool, extra_callbacks) -> dict:
         min_lr_ratio=cfg.min_lr_ratio,
         lr_decay=cfg.lr_decay,
         label_smoothing=cfg.label_smoothing,
+        regularise_min_steps=cfg.regularise_min_steps,
         ema_decay=cfg.ema_decay,
         ema_warmup_power=cfg.ema_warmup_power,
         ema_warmup_gamma=cfg.ema_warmup_gamma,
@@ -550,6 +551,8 @@ def _train(cfg: TrainConfig, out: Path, first: bool, extra_callbacks) -> dict:
     metrics = _summarise(cfg, rows, results, test_ckpt, trainer.world_size)
     metrics["num_classes"] = dm.num_classes
     metrics["precision"] = precision
+    if module.regularisation is not None:
+        metrics["regularisation"] = module.regularisation
     metrics["machine"] = describe_machine()
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
