@@ -1916,6 +1916,7 @@ def test_a_run_shorter_than_regularise_min_steps_trains_without_erasing_or_smoot
     smoothing (on the steps its epochs plan here; under a time budget on its projected pace, in
     the budget test below), and a resumed run keeps what its checkpoint settled."""
     from cvtlab.data.augment import normalize
+    from cvtlab.train.config import TrainConfig
     from cvtlab.train.module import CvTClassifier, planned_steps
 
     # 4 epochs of 6,400 images in batches of 256, then 16 in batches of 96 (67 steps each).
@@ -1964,8 +1965,6 @@ def test_a_run_shorter_than_regularise_min_steps_trains_without_erasing_or_smoot
     assert resumed.regularisation == dropped.regularisation
     assert resumed.augment.cfg.random_erase == 0.0 and resumed.label_smoothing == 0.0
     with pytest.raises(cvtlab.CvtLabError, match="regularise_min_steps must be a whole number"):
-        from cvtlab.train.config import TrainConfig
-
         TrainConfig(regularise_min_steps=0)
 
 
