@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from cvtlab import CvtLabError
-from cvtlab.data.augment import AugmentConfig, BatchAugment, crop_flip, random_erase
+from cvtlab.data.augment import BatchAugment, crop_flip, random_erase
+from cvtlab.data.augment_config import AugmentConfig
 from cvtlab.data.cache import load_index, open_decoded
 from cvtlab.data.datamodule import EpochShuffle, ImageDataModule
 from cvtlab.data.splits import plan_splits

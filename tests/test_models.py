@@ -69,6 +69,13 @@ def test_unknown_override_is_an_error():
 
 
 def test_timm_registry_knows_every_model():
+    import subprocess
+    import sys
+
+    # In a fresh process: `import cvtlab.models` is what registers them, as the README says.
+    script = "import cvtlab.models, timm; print(timm.create_model('cvt_13_64').head.out_features)"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "200", r.stderr
     model = timm.create_model("cvt_13", num_classes=200)
     assert model.head.out_features == 200
     assert set(cvtlab.list_models()) <= set(timm.list_models("cvt_*"))

@@ -114,6 +114,54 @@ def test_cli_user_mistakes_are_one_line_without_traceback(args, words):
     assert all(w in lines[0] for w in words)
 
 
+def test_help_and_usage_mistakes_answer_without_importing_torch():
+    """`cvtlab --help`, a command's help and a mistyped flag answer in a fraction of a second:
+    torch, torchvision and timm (seconds of import) load only for a command that runs."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from cvtlab.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['data', 'download', '--help'],"
+        " ['train', '--epochz', '3'], ['eval', 'run', '--batch-size', '0']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        print('exit', e.code)\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'timm', 'lightning', 'numpy')"
+        " if m in sys.modules]\n"
+        "print('heavy', heavy)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("exit 0") == 3 and r.stdout.count("exit 2") == 2, r.stdout
+    assert "--train-sizes" in r.stdout and "cpu_30min" in r.stdout  # the recipes it lists
+    assert "--epochz" in r.stderr and "--batch-size" in r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "heavy []"
+
+
+def test_the_public_names_load_on_first_use():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, cvtlab\n"
+        "assert 'torch' not in sys.modules\n"
+        "for name in cvtlab.__all__:\n"
+        "    assert getattr(cvtlab, name).__name__ == name, name\n"
+        "assert cvtlab.models.layers.__name__ == 'cvtlab.models.layers'\n"
+        "assert set(cvtlab.__all__) <= set(dir(cvtlab))\n"
+        "try:\n"
+        "    cvtlab.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "module 'cvtlab' has no attribute 'no_such_name'"
+
+
 def test_output_cut_off_by_its_reader_ends_quietly():
     """`cvtlab summary cvt_w24 --format json | head`: no traceback when the reader stops."""
     import subprocess

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-
 from ..errors import CvtLabError
 
 
@@ -97,6 +95,8 @@ def _cmd_show(args: argparse.Namespace) -> None:
     title = f"{args.path} — {split}"
     if split not in d.manifest["splits"] and split in ("train", "val", "test"):
         # A folder without split folders: the split a training run carves from it.
+        import numpy as np
+
         from .splits import plan_splits
 
         rows = np.sort(plan_splits(d)[split])
@@ -116,17 +116,14 @@ def _cmd_download(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .download import download
+    from .tiny_imagenet import MD5, URL
 
-    print(
-        download(
-            args.url, Path(args.out) if args.out else None, None if args.no_check else args.md5
-        )
-    )
+    md5 = None if args.no_check else (args.md5 or MD5)
+    print(download(args.url or URL, Path(args.out) if args.out else None, md5))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..cli import positive_int
-    from .tiny_imagenet import MD5, URL
 
     data = sub.add_parser("data", help="inspect, show and download datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -155,8 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser(
         "download", help="fetch the official Tiny ImageNet zip into the cache folder"
     )
-    p.add_argument("--url", default=URL)
-    p.add_argument("--md5", default=MD5)
+    p.add_argument("--url", help="where to fetch it from (default: the official address)")
+    p.add_argument("--md5", help="the checksum it must have (default: the official zip's)")
     p.add_argument("--no-check", action="store_true", help="skip the checksum (for mirrors)")
     p.add_argument("--out", default=None, help="where to save (default: the cache folder)")
     p.set_defaults(func=_cmd_download)

@@ -1,7 +1,7 @@
 """Named model configurations, ``create_model`` and ``list_models``.
 
 Every name is also registered in timm, so ``timm.create_model("cvt_13")`` works after
-``import cvtlab``.
+``import cvtlab.models`` (or the first use of ``cvtlab.create_model``).
 """
 
 from __future__ import annotations

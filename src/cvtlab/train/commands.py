@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-from ..evaluation import evaluate
-from ..prediction import predict
 from .config import RECIPES, phase_start, whole_number
 
 
@@ -207,6 +205,8 @@ def _print_run(out: str, metrics: dict) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from ..evaluation import evaluate
+
     result = evaluate(
         args.checkpoint,
         args.data,
@@ -239,6 +239,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from ..prediction import predict
+
     results = predict(
         args.checkpoint,
         args.images,
@@ -405,4 +407,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-__all__ = ["evaluate", "predict", "register"]
+__all__ = ["register"]

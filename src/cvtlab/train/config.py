@@ -10,9 +10,8 @@ from typing import Any
 
 import yaml
 
-from ..data.augment import AugmentConfig, is_pair_of_numbers
+from ..data.augment_config import AugmentConfig, is_pair_of_numbers
 from ..errors import CvtLabError
-from .muon import NEWTON_SCHULZ
 
 
 @dataclass
@@ -166,6 +165,8 @@ class TrainConfig:
             )
         if self.optimizer not in ("adamw", "muon"):
             raise CvtLabError(f"--optimizer must be adamw or muon, not {self.optimizer!r}")
+        from .muon import NEWTON_SCHULZ  # here: torch's import stays out of reading a recipe
+
         if self.muon_polynomials not in NEWTON_SCHULZ:
             raise CvtLabError(
                 f"muon_polynomials must be {' or '.join(NEWTON_SCHULZ)}, "

@@ -17,7 +17,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from ..data.augment import AugmentConfig, BatchAugment, normalize, random_crop, resize_images
+from ..data.augment import BatchAugment, normalize, random_crop, resize_images
+from ..data.augment_config import AugmentConfig
 from ..errors import CvtLabError
 from ..models.registry import build_model, get_config
 from .config import batch_size_at, train_size_at
