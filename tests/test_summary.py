@@ -1,5 +1,7 @@
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,13 +116,17 @@ def test_cli_user_mistakes_are_one_line_without_traceback(args, words):
     assert all(w in lines[0] for w in words)
 
 
+def _in_fresh_python(script: str) -> subprocess.CompletedProcess:
+    """``script`` run by a new interpreter, which has imported nothing of cvtlab or torch."""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def test_help_and_usage_mistakes_answer_without_importing_torch():
     """`cvtlab --help`, a command's help and a mistyped flag answer in a fraction of a second:
     torch, torchvision and timm (seconds of import) load only for a command that runs."""
-    import subprocess
-    import sys
-
-    script = (
+    r = _in_fresh_python(
         "import sys\n"
         "from cvtlab.cli import main\n"
         "for argv in (['--help'], ['train', '--help'], ['data', 'download', '--help'],"
@@ -133,8 +139,6 @@ def test_help_and_usage_mistakes_answer_without_importing_torch():
         " if m in sys.modules]\n"
         "print('heavy', heavy)\n"
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
     assert r.stdout.count("exit 0") == 3 and r.stdout.count("exit 2") == 2, r.stdout
     assert "--train-sizes" in r.stdout and "cpu_30min" in r.stdout  # the recipes it lists
     assert "--epochz" in r.stderr and "--batch-size" in r.stderr
@@ -142,10 +146,7 @@ def test_help_and_usage_mistakes_answer_without_importing_torch():
 
 
 def test_the_public_names_load_on_first_use():
-    import subprocess
-    import sys
-
-    script = (
+    r = _in_fresh_python(
         "import sys, cvtlab\n"
         "assert 'torch' not in sys.modules\n"
         "for name in cvtlab.__all__:\n"
@@ -157,16 +158,11 @@ def test_the_public_names_load_on_first_use():
         "except AttributeError as e:\n"
         "    print(e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "module 'cvtlab' has no attribute 'no_such_name'"
 
 
 def test_output_cut_off_by_its_reader_ends_quietly():
     """`cvtlab summary cvt_w24 --format json | head`: no traceback when the reader stops."""
-    import subprocess
-    import sys
-
     # 82 kB of JSON: more than a pipe holds, so the writer meets the closed end.
     p = subprocess.Popen(
         [sys.executable, "-m", "cvtlab.cli", "summary", "cvt_w24", "--format", "json"],
