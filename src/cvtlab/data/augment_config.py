@@ -1,5 +1,6 @@
 """The recipes' ``augment:`` section as plain data, with its checks. Apart from the kernels in
-``augment.py`` so that reading and checking a recipe needs neither torch nor torchvision.
+``augment.py`` so that importing the recipe module (``train/config.py``), as the CLI does to build
+its parser, needs neither torch nor torchvision.
 """
 
 from __future__ import annotations

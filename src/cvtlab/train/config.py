@@ -165,7 +165,9 @@ class TrainConfig:
             )
         if self.optimizer not in ("adamw", "muon"):
             raise CvtLabError(f"--optimizer must be adamw or muon, not {self.optimizer!r}")
-        from .muon import NEWTON_SCHULZ  # here: torch's import stays out of reading a recipe
+        # Imported here, not at the top: the CLI imports this module to build its parser, and
+        # muon imports torch.
+        from .muon import NEWTON_SCHULZ
 
         if self.muon_polynomials not in NEWTON_SCHULZ:
             raise CvtLabError(
